@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from nas.arch import Arch
-from nas.blocks import BlockSpec, HeadSpec, resolve
+from nas.arch import Arch, Layer
+from nas.blocks import BlockSpec, HeadSpec, resolve_layer
 
 
 @dataclass(frozen=True)
@@ -67,10 +67,30 @@ def head_cost(head: HeadSpec) -> Cost:
     return Cost(pool, 0) + hidden + Cost(features * head.num_classes, features * head.num_classes + head.num_classes)
 
 
+@lru_cache(maxsize=262144)
+def _layer_cost(layer: Layer, in_ch: int, size: int) -> tuple[int, int, int, int]:
+    """(flops, params, out channels, out size) of one layer in context; memoised for search loops."""
+    spec = resolve_layer(layer, in_ch, size)
+    cost = block_cost(spec)
+    return cost.flops, cost.params, spec.out_ch, spec.out_resolution
+
+
 def arch_cost(arch: Arch, num_classes: int = 1000) -> Cost:
-    """FLOPs (fvcore convention) and parameter count of ``arch`` with a ``num_classes`` classifier."""
-    specs, head = resolve(arch, num_classes)
-    total = head_cost(head)
-    for spec in specs:
-        total = total + block_cost(spec)
-    return total
+    """FLOPs (fvcore convention) and parameter count of ``arch`` with a ``num_classes`` classifier.
+
+    Walks the layers like ``resolve`` does, with each layer's cost memoised by its context.
+    """
+    flops = params = 0
+    channels, size = 3, arch.resolution
+    for layer in arch.layers:
+        f, p, channels, size = _layer_cost(layer, channels, size)
+        flops += f
+        params += p
+    head = head_cost(HeadSpec(arch.pool, channels, arch.hidden, arch.hidden_act, num_classes, size))
+    return Cost(flops + head.flops, params + head.params)
+
+
+def clear_cost_caches() -> None:
+    """Forget memoised costs (benchmarks time the cold path with this)."""
+    for cached in (_layer_cost, block_cost, head_cost):
+        cached.cache_clear()

@@ -132,25 +132,31 @@ class SearchSpace:
             depth = self._value(params, f"s{i}.layers", stage.choices["layers"])
             width = self._value(params, f"s{i}.width", stage.choices["width"])
             out = make_divisible(stage.channels * width * wm)
-            for j in range(depth):
-                prefix = f"s{i}" if self.choice_per == "block" else f"s{i}.l{j}"
-                pick = {key: self._value(params, f"{prefix}.{key}", stage.choices[key]) for key in CHOICE_KEYS[2:]}
-                layers.append(
-                    Layer(
-                        op=pick["op"],
-                        kernel=pick["kernel"],
-                        stride=stage.stride if j == 0 else 1,
-                        out=out,
-                        expansion=float(pick["expansion"]) if pick["op"] in ("ir", "bot") else 1.0,
-                        se=float(pick["se"]),
-                        act=pick["act"],
-                        skip=bool(pick["skip"]),
-                    )
-                )
+            if self.choice_per == "block":
+                first = self._layer(params, f"s{i}", stage, out, stage.stride)
+                layers.append(first)
+                if depth > 1:
+                    layers.extend([dataclasses.replace(first, stride=1)] * (depth - 1))
+            else:
+                layers.extend(self._layer(params, f"s{i}.l{j}", stage, out, stage.stride if j == 0 else 1)
+                              for j in range(depth))
         head = self.head
         if head.get("channels"):
             layers.append(Layer("conv", 1, 1, make_divisible(head["channels"] * max(1.0, wm)), act=head["act"]))
         return Arch(resolution or self.resolution, tuple(layers), pool=head["pool"])
+
+    def _layer(self, params: dict[str, Any], prefix: str, stage: Stage, out: int, stride: int) -> Layer:
+        pick = {key: self._value(params, f"{prefix}.{key}", stage.choices[key]) for key in CHOICE_KEYS[2:]}
+        return Layer(
+            op=pick["op"],
+            kernel=pick["kernel"],
+            stride=stride,
+            out=out,
+            expansion=float(pick["expansion"]) if pick["op"] in ("ir", "bot") else 1.0,
+            se=float(pick["se"]),
+            act=pick["act"],
+            skip=bool(pick["skip"]),
+        )
 
     def hyperparameters_of(self, params: dict[str, Any]) -> dict[str, Any]:
         """Training hyperparameters of a point: {'optimizer': 'adam', 'lr': 0.01, 'batch_size': 64}."""

@@ -1,0 +1,37 @@
+"""Shared pieces of the command-line front ends: reading an ARCH argument."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from nas.arch import Arch
+from nas.errors import NasError
+from nas.references import REFERENCES, reference
+
+
+def parse_arch_argument(text: str) -> Arch:
+    """A reference name, a canonical architecture string, or a JSON file (an Arch, or {"arch": STRING})."""
+    if text in REFERENCES:
+        return reference(text)
+    path = Path(text)
+    if text.endswith(".json") or path.is_file():
+        if not path.is_file():
+            raise NasError(f"{text}: no such file; ARCH is a reference name ({', '.join(REFERENCES)}), "
+                           "a canonical architecture string or a JSON file")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise NasError(f"{text}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        if isinstance(data, dict) and isinstance(data.get("arch"), str):
+            return Arch.parse(data["arch"])
+        if isinstance(data, dict) and "layers" in data:
+            try:
+                return Arch.from_dict(data)
+            except (TypeError, KeyError, ValueError) as exc:
+                raise NasError(f"{text}: not an architecture JSON object ({exc})") from None
+        raise NasError(f"{text}: expected a JSON object with an 'arch' string or an architecture's 'layers'")
+    if not text.startswith("i"):
+        raise NasError(f"unknown architecture {text!r}: not a reference name ({', '.join(REFERENCES)}), "
+                       "not a file, and not an architecture string (they start with the resolution, e.g. 'i224-...')")
+    return Arch.parse(text)

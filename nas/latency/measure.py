@@ -1,0 +1,246 @@
+"""The latency measurement protocol: warm-up, many timed runs, repeated interleaved sessions.
+
+Why each step (see docs/latency.md for the figures behind them):
+
+- Warm-up runs: the first runs of a session allocate buffers and fill caches.
+- Many timed runs (``time.perf_counter_ns`` around ``run_with_iobinding``, the cheapest call ONNX
+  Runtime offers from Python, with the garbage collector paused): the median ignores the odd slow
+  run; p10/p90 show the spread. The run count adapts to the model: enough runs to fill
+  ``session_seconds``, within ``[min_runs, max_runs]``.
+- Several sessions per model: a session's median varies by several percent from one session to the
+  next (memory placement), and by tens of percent on a busy machine. Sessions are interleaved
+  round-robin over all the models being compared, so a burst of machine noise hits them all alike
+  instead of one model's every session. The reported figure is the best (or median) session median.
+- Agreement check: when the best ``sessions`` session medians spread by more than ``spread_tol``,
+  the model gets another round of sessions (``retries``); a figure that still disagrees is kept but
+  marked unstable and logged.
+- One measurement at a time per machine, and never alongside training: ``measurement_lock`` is an
+  exclusive ``flock`` on a file in the system temp dir, ``training_lock`` a shared one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import math
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from nas.arch import Arch
+from nas.errors import NasError
+from nas.export import export_onnx
+from nas.latency.targets import Target
+
+try:
+    import fcntl
+except ImportError:  # Windows: measurements are serialised within one program only
+    fcntl = None
+
+log = logging.getLogger(__name__)
+
+LOCK_PATH = Path(tempfile.gettempdir()) / "nas-measurement.lock"
+AGGREGATES = ("min", "median")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How one model is timed; recorded in every latency table so that numbers stay comparable."""
+
+    warmup: int = 5  # untimed runs at the start of each session
+    min_runs: int = 20  # timed runs per session, at least ...
+    max_runs: int = 300  # ... and at most
+    session_seconds: float = 0.01  # aim for this much timed running per session, within those bounds
+    sessions: int = 3  # sessions per model, interleaved round-robin over the models measured together
+    aggregate: str = "min"  # "min": best session median (noise only ever adds time) or "median"
+    spread_tol: float = 0.1  # session medians disagreeing by more than this (relative) ...
+    retries: int = 1  # ... trigger this many extra rounds of sessions
+
+    def __post_init__(self) -> None:
+        for name in ("warmup", "min_runs", "sessions"):
+            if getattr(self, name) < 1:
+                raise NasError(f"measurement protocol: {name} must be at least 1, got {getattr(self, name)}")
+        if self.max_runs < self.min_runs:
+            raise NasError(f"measurement protocol: max_runs ({self.max_runs}) is below min_runs ({self.min_runs})")
+        if self.aggregate not in AGGREGATES:
+            raise NasError(f"measurement protocol: aggregate {self.aggregate!r} is not one of {AGGREGATES}")
+        if self.retries < 0 or self.session_seconds < 0 or self.spread_tol <= 0:
+            raise NasError("measurement protocol: retries and session_seconds must be >= 0, spread_tol > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Protocol":
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One model's latency in milliseconds, with the spread that says how far to trust it."""
+
+    median_ms: float  # the aggregate (best or median) of the per-session medians
+    p10_ms: float  # percentiles over every timed run of every session
+    p90_ms: float
+    count: int  # timed runs in all
+    sessions_ms: tuple[float, ...]  # per-session medians, in the order measured
+    spread: float  # (max - min) / min over the best `protocol.sessions` session medians
+    stable: bool  # spread <= protocol.spread_tol
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["sessions_ms"] = list(self.sessions_ms)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Measurement":
+        return cls(**{**data, "sessions_ms": tuple(data["sessions_ms"])})
+
+
+# --- the machine-wide guard -------------------------------------------------------------------
+
+_held = threading.local()
+
+
+@contextlib.contextmanager
+def _flock(mode: int, what: str) -> Iterator[None]:
+    with open(LOCK_PATH, "a") as handle:
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle, mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("%s waits for %s: another nas measurement or training holds it", what, LOCK_PATH)
+                fcntl.flock(handle, mode)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+_in_process = threading.Lock()  # serialises measuring threads where flock is unavailable
+
+
+@contextlib.contextmanager
+def measurement_lock() -> Iterator[None]:
+    """Hold the machine exclusively while measuring: no other nas measurement or training runs.
+
+    Re-entrant within a thread. Waits (and logs once) while another process or thread holds the lock.
+    """
+    if getattr(_held, "measuring", 0):
+        _held.measuring += 1
+        try:
+            yield
+        finally:
+            _held.measuring -= 1
+        return
+    if getattr(_held, "training", 0):
+        raise RuntimeError("latency measurement inside training_lock() would deadlock; measure after training")
+    with _in_process, _flock(fcntl.LOCK_EX if fcntl else 0, "latency measurement"):
+        _held.measuring = 1
+        try:
+            yield
+        finally:
+            _held.measuring = 0
+
+
+@contextlib.contextmanager
+def training_lock() -> Iterator[None]:
+    """Hold while training: trainings share the machine, measurements wait until none is running."""
+    if getattr(_held, "measuring", 0):
+        raise RuntimeError("training inside measurement_lock() would skew the measurement")
+    _held.training = getattr(_held, "training", 0) + 1
+    try:
+        with _flock(fcntl.LOCK_SH if fcntl else 0, "training"):
+            yield
+    finally:
+        _held.training -= 1
+
+
+# --- timing -------------------------------------------------------------------------------------
+
+
+def _time_session(target: Target, model: bytes, protocol: Protocol) -> np.ndarray:
+    """A fresh session: warm-up, then timed runs; returns their durations in nanoseconds."""
+    session = target.session(model)
+    spec = session.get_inputs()[0]
+    x = np.random.default_rng(0).standard_normal(spec.shape, dtype=np.float32)
+    binding = session.io_binding()
+    binding.bind_cpu_input(spec.name, x)
+    for output in session.get_outputs():
+        binding.bind_output(output.name)
+    run, clock = session.run_with_iobinding, time.perf_counter_ns
+    gc_enabled = gc.isenabled()
+    gc.disable()  # a collection inside a timed run would be charged to the model
+    try:
+        warm = np.empty(protocol.warmup, dtype=np.int64)
+        for i in range(protocol.warmup):
+            start = clock()
+            run(binding)
+            warm[i] = clock() - start
+        per_run = max(float(np.median(warm[1:] if protocol.warmup > 1 else warm)), 1.0)
+        n = min(protocol.max_runs, max(protocol.min_runs, math.ceil(protocol.session_seconds * 1e9 / per_run)))
+        times = np.empty(n, dtype=np.int64)
+        for i in range(n):
+            start = clock()
+            run(binding)
+            times[i] = clock() - start
+    finally:
+        if gc_enabled:
+            gc.enable()
+    return times
+
+
+def _best_spread(medians: list[float], k: int) -> float:
+    best = sorted(medians)[:k]
+    return (best[-1] - best[0]) / best[0]
+
+
+def _summarise(sessions: list[np.ndarray], protocol: Protocol) -> Measurement:
+    medians = [float(np.median(t)) / 1e6 for t in sessions]
+    pooled = np.concatenate(sessions) / 1e6
+    value = min(medians) if protocol.aggregate == "min" else float(np.median(medians))
+    spread = _best_spread(medians, protocol.sessions)
+    return Measurement(
+        median_ms=value,
+        p10_ms=float(np.percentile(pooled, 10)),
+        p90_ms=float(np.percentile(pooled, 90)),
+        count=int(pooled.size),
+        sessions_ms=tuple(medians),
+        spread=spread,
+        stable=spread <= protocol.spread_tol,
+    )
+
+
+def measure_models(models: Sequence[bytes], target: Target, protocol: Protocol = Protocol()) -> list[Measurement]:
+    """Measure ONNX models together, sessions interleaved round-robin so noise hits all alike."""
+    sessions: list[list[np.ndarray]] = [[] for _ in models]
+    with measurement_lock():
+        pending = list(range(len(models)))
+        for _ in range(1 + protocol.retries):
+            for _ in range(protocol.sessions):
+                for i in pending:
+                    sessions[i].append(_time_session(target, models[i], protocol))
+            medians = {i: [float(np.median(t)) for t in sessions[i]] for i in pending}
+            pending = [i for i in pending if _best_spread(medians[i], protocol.sessions) > protocol.spread_tol]
+            if not pending:
+                break
+    return [_summarise(s, protocol) for s in sessions]
+
+
+def measure_onnx(model: bytes, target: Target, protocol: Protocol = Protocol()) -> Measurement:
+    return measure_models([model], target, protocol)[0]
+
+
+def measure_archs(
+    archs: Sequence[Arch], target: Target, protocol: Protocol = Protocol(), num_classes: int = 1000
+) -> list[Measurement]:
+    """End-to-end latency of whole networks (each at its own resolution), measured interleaved."""
+    models = [export_onnx(arch, batch=target.batch, num_classes=num_classes) for arch in archs]
+    return measure_models(models, target, protocol)

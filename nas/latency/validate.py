@@ -1,0 +1,162 @@
+"""Does a table predict what the device measures? Held-out networks, predicted vs measured end to end.
+
+The networks are sampled with ``random.Random(seed)`` and any that calibrated the table are skipped,
+so the figures are out of sample. They are measured with the table's own protocol, sessions
+interleaved. Accuracy (share within +-5% / +-10%, mean absolute % error) and rank agreement
+(Spearman, Kendall) are reported next to FLOPs' rank agreement, the naive predictor a table must beat.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats
+from tqdm import tqdm
+
+from nas.cost import arch_cost
+from nas.errors import NasError
+from nas.export import export_onnx
+from nas.latency.build import sample_archs
+from nas.latency.measure import Protocol, measure_models
+from nas.latency.table import LatencyTable
+from nas.latency.targets import Target
+from nas.space import SearchSpace, with_resolution
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no NaN: a correlation of fewer than two distinct values is reported as null."""
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def _correlations(x: list[float], y: list[float]) -> tuple[float | None, float | None]:
+    if len(x) < 2 or len(set(x)) < 2 or len(set(y)) < 2:
+        return None, None
+    return _finite(stats.spearmanr(x, y)[0]), _finite(stats.kendalltau(x, y)[0])
+
+
+def table_space(table: LatencyTable, space: SearchSpace) -> SearchSpace:
+    """The space at the table's resolution; a table of another space is the user's mistake."""
+    if table.metadata.get("space") != space.name:
+        raise NasError(f"{table.source} was built for space {table.metadata.get('space')!r}, not {space.name!r} "
+                       f"({space.source})")
+    return with_resolution(space, table.metadata["resolution"])
+
+
+def validate_table(table: LatencyTable, space: SearchSpace, target: Target, n: int, seed: int,
+                   protocol: Protocol | None = None, chunk: int = 10, progress: bool = True) -> dict[str, Any]:
+    """Measure ``n`` held-out networks of ``space`` and compare them with the table's predictions."""
+    if n < 1:
+        raise NasError(f"--n must be at least 1, got {n}")
+    space = table_space(table, space)
+    protocol = protocol or Protocol.from_dict(table.metadata["protocol"])
+    num_classes = table.num_classes
+    excluded = table.calibration.arch_keys if table.calibration else frozenset()
+    archs = sample_archs(space, n, seed, exclude=excluded)
+    predicted = table.predict_many(archs)  # before measuring: a missing entry fails fast
+    started = time.perf_counter()
+    measured = []
+    with tqdm(total=len(archs), desc="validation networks", unit="net", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for start in range(0, len(archs), chunk):
+            part = archs[start:start + chunk]
+            models = [export_onnx(arch, batch=target.batch, num_classes=num_classes) for arch in part]
+            measured += measure_models(models, target, protocol)
+            bar.update(len(part))
+    rows = []
+    for arch, pred, m in zip(archs, predicted, measured):
+        cost = arch_cost(arch, num_classes)
+        rows.append({
+            "arch": arch.to_string(), "key": arch.key, "flops": cost.flops, "params": cost.params,
+            "predicted_ms": pred, "raw_ms": table.predict_raw(arch)[0], "measured_ms": m.median_ms,
+            "p10_ms": m.p10_ms, "p90_ms": m.p90_ms, "spread": m.spread, "stable": m.stable,
+            "error_pct": (pred - m.median_ms) / m.median_ms * 100,
+        })
+    errors = np.array([abs(r["error_pct"]) for r in rows])
+    signed = np.array([r["error_pct"] for r in rows])
+    meas = [r["measured_ms"] for r in rows]
+    spearman, kendall = _correlations([r["predicted_ms"] for r in rows], meas)
+    flops_spearman, flops_kendall = _correlations([float(r["flops"]) for r in rows], meas)
+    summary = {
+        "n": len(rows), "within_10pct": float(np.mean(errors <= 10)), "within_5pct": float(np.mean(errors <= 5)),
+        "mape": float(errors.mean()), "mean_error_pct": float(signed.mean()), "max_abs_error_pct": float(errors.max()),
+        "spearman": spearman, "kendall": kendall, "flops_spearman": flops_spearman, "flops_kendall": flops_kendall,
+        "unstable": sum(not r["stable"] for r in rows), "seed": seed, "space": space.name,
+        "resolution": space.resolution, "num_classes": num_classes, "table": table.source,
+        "table_target": table.metadata["target"], "table_threads": table.metadata["threads"],
+        "target": target.name, "threads": target.threads, "batch": target.batch,
+        "calibration": table.calibration.model if table.calibration else None,
+        "protocol": protocol.to_dict(), "measure_seconds": round(time.perf_counter() - started, 1),
+    }
+    return {**summary, "rows": rows}
+
+
+def format_summary(report: dict[str, Any]) -> str:
+    """A few human-readable lines for the terminal."""
+    def corr(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    return "\n".join([
+        f"{report['n']} held-out {report['space']} networks at {report['resolution']} px, target {report['target']} "
+        f"threads {report['threads']}, table {report['table']}",
+        f"within +-10%: {report['within_10pct']:.1%}   within +-5%: {report['within_5pct']:.1%}   "
+        f"mean |error|: {report['mape']:.2f}%   bias: {report['mean_error_pct']:+.2f}%   "
+        f"max |error|: {report['max_abs_error_pct']:.1f}%",
+        f"rank vs measured: table Spearman {corr(report['spearman'])} Kendall {corr(report['kendall'])}   "
+        f"FLOPs Spearman {corr(report['flops_spearman'])} Kendall {corr(report['flops_kendall'])}",
+        f"unstable measurements: {report['unstable']}",
+    ])
+
+
+def plot_validation(report: dict[str, Any], path: str | Path) -> None:
+    """Predicted vs measured scatter with the y = x line and the +-10% band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = np.array([r["measured_ms"] for r in report["rows"]])
+    predicted = np.array([r["predicted_ms"] for r in report["rows"]])
+    low, high = 0.9 * min(measured.min(), predicted.min()), 1.1 * max(measured.max(), predicted.max())
+    line = np.linspace(low, high, 2)
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.fill_between(line, 0.9 * line, 1.1 * line, color="tab:green", alpha=0.15, label="±10%")
+    ax.plot(line, line, color="black", linewidth=1, label="y = x")
+    ax.scatter(measured, predicted, s=14, color="tab:blue", label="networks")
+    ax.set_xlim(low, high)
+    ax.set_ylim(low, high)
+    ax.set_xlabel("measured latency (ms)")
+    ax.set_ylabel("predicted latency (ms)")
+    ax.set_title(f"{report['space']} r{report['resolution']} {report['target']} t{report['threads']}: "
+                 f"{report['within_10pct']:.0%} within ±10%, ρ={report['spearman'] or float('nan'):.2f}", fontsize=9)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def prediction_throughput(table: LatencyTable, space: SearchSpace, n: int = 20000, seed: int = 0,
+                          repeats: int = 3) -> dict[str, Any]:
+    """Architectures predicted per second, as a search sees it: new ``Arch`` objects, memo already warm.
+
+    ``first_pass_per_s`` starts from an empty memo (every distinct layer context resolved once).
+    """
+    space = table_space(table, space)
+    fresh = LatencyTable(table.metadata, table.entries, table.calibration, table.source)  # empty memo
+    rng = random.Random(seed)
+    warm = [space.decode(space.sample(rng)) for _ in range(n)]
+    timed = [space.decode(space.sample(rng)) for _ in range(n)]
+    start = time.perf_counter()
+    fresh.predict_many(warm)
+    first = n / (time.perf_counter() - start)
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fresh.predict_many(timed)
+        best = max(best, n / (time.perf_counter() - start))
+    return {"archs": n, "first_pass_per_s": round(first), "per_s": round(best),
+            "mean_layers": round(sum(len(a.layers) for a in timed) / n, 1)}

@@ -1,0 +1,66 @@
+#!/usr/bin/env python
+"""Build a latency lookup table for a search space on a target (resumable; see latency_tables/README.md).
+
+    python scripts/build_lut.py --target cpu --space search_spaces/mnasnet.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from nas.errors import exit_on_user_error
+from nas.latency.build import build_table, default_num_classes, estimate_build_seconds
+from nas.latency.measure import Protocol
+from nas.latency.table import default_table_path
+from nas.latency.targets import get_target
+from nas.space import load_space
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", default="cpu", help="execution provider: cpu, cuda, tensorrt, openvino, coreml, dml, ...")
+    p.add_argument("--space", required=True, help="search-space YAML file")
+    p.add_argument("--out", help="table file (default latency_tables/<space>-r<res>-<target>-t<threads>-b<batch>.json)")
+    p.add_argument("--resolution", type=int, help="input resolution (default: the space's)")
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
+    p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    p.add_argument("--num-classes", type=int, help="classifier width (default 1000 at >= 224 px, else 10)")
+    p.add_argument("--sessions", type=int, default=Protocol.sessions, help="measurement sessions per entry")
+    p.add_argument("--calibration-archs", type=int, default=20, help="whole networks measured for calibration")
+    p.add_argument("--calibration-seed", type=int, default=0, help="random.Random seed of those networks")
+    p.add_argument("--fresh", action="store_true", help="discard an unfinished build or an existing table")
+    p.add_argument("--estimate", type=int, metavar="N", help="only time N random entries and project the build time")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    target = get_target(args.target, args.threads, args.batch)
+    space = load_space(args.space)
+    resolution = args.resolution or space.resolution
+    num_classes = args.num_classes or default_num_classes(resolution)
+    protocol = Protocol(sessions=args.sessions)
+    if args.estimate:
+        estimate = estimate_build_seconds(space, target, resolution=resolution, num_classes=num_classes,
+                                          sample=args.estimate, protocol=protocol)
+        print(json.dumps(estimate))
+        return 0
+    out = args.out or default_table_path(space.name, resolution, target)
+    table = build_table(space, target, out, resolution=resolution, num_classes=num_classes, protocol=protocol,
+                        calibration_archs=args.calibration_archs, calibration_seed=args.calibration_seed,
+                        fresh=args.fresh, progress=not args.quiet)
+    cal = table.calibration
+    fit = f"calibration {cal.model} {list(map(lambda c: round(c, 5), cal.coef))}, leave-one-out error " \
+          f"{cal.loo_mape[cal.model]:.2f}%" if cal else "no calibration"
+    print(f"wrote {out}: {len(table.entries)} entries, {fit}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+#!/usr/bin/env python
+"""Predicted vs measured latency of held-out random networks of a space (see docs/latency.md).
+
+    python scripts/validate_lut.py --target cpu --space search_spaces/mnasnet.yaml --n 100 --seed 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from nas.errors import exit_on_user_error
+from nas.latency.table import LatencyTable, default_table_path
+from nas.latency.targets import get_target
+from nas.latency.validate import format_summary, plot_validation, validate_table
+from nas.space import load_space
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", default="cpu", help="execution provider: cpu, cuda, tensorrt, openvino, coreml, dml, ...")
+    p.add_argument("--space", required=True, help="search-space YAML file")
+    p.add_argument("--table", help="latency table (default: the build_lut.py default name for these settings)")
+    p.add_argument("--resolution", type=int, help="resolution of the default table name (default: the space's)")
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
+    p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    p.add_argument("--n", type=int, default=100, help="held-out networks to measure (default 100)")
+    p.add_argument("--seed", type=int, default=1, help="random.Random seed of the networks (default 1)")
+    p.add_argument("--json", help="write the summary and per-network rows here")
+    p.add_argument("--plot", help="write a predicted-vs-measured PNG here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    target = get_target(args.target, args.threads, args.batch)
+    space = load_space(args.space)
+    path = args.table or default_table_path(space.name, args.resolution or space.resolution, target)
+    table = LatencyTable.load(path, expect_target=target.name, expect_threads=target.threads, expect_batch=target.batch)
+    report = validate_table(table, space, target, args.n, args.seed, progress=not args.quiet)
+    print(format_summary(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    if args.plot:
+        plot_validation(report, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
