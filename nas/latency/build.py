@@ -145,7 +145,7 @@ def build_table(
     protocol: Protocol = Protocol(),
     calibration_archs: int = 20,
     calibration_seed: int = 0,
-    chunk: int = 16,
+    chunk: int = 32,
     fresh: bool = False,
     stop_after: int | None = None,
     progress: bool = True,
@@ -232,7 +232,7 @@ def _calibrate(table: LatencyTable, archs: list[Arch], target: Target, protocol:
 
 def estimate_build_seconds(space: SearchSpace, target: Target, *, resolution: int | None = None,
                            num_classes: int | None = None, sample: int = 48, opset: int = MIN_OPSET,
-                           protocol: Protocol = Protocol(), chunk: int = 16, seed: int = 0) -> dict[str, Any]:
+                           protocol: Protocol = Protocol(), chunk: int = 32, seed: int = 0) -> dict[str, Any]:
     """Time the full per-entry pipeline on a random sample of entries and project the whole build."""
     resolution = resolution or space.resolution
     num_classes = num_classes or default_num_classes(resolution)

@@ -1,0 +1,118 @@
+"""Where candidate trainings run: in-process, on N local worker processes, or on a Ray cluster.
+
+Every executor has one method, ``run(jobs, on_result)``: it trains the jobs (in parallel where it
+can) and calls ``on_result(job, result)`` in the caller's process as each one finishes, so the
+journal records every finished evaluation at once. Workers only train; latency is never measured here.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import multiprocessing
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from nas.errors import NasError
+from nas.fidelity import Fidelity
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """Everything a worker needs to train one candidate at one rung (plain, picklable data)."""
+
+    number: int
+    rung: int
+    arch: str
+    hparams: dict[str, Any]
+    fidelity: Fidelity
+    data: str
+    seed: int
+    threads: int
+
+
+_DATASETS: dict[tuple[str, int], Any] = {}
+
+
+def train_job(job: TrainJob) -> dict[str, Any]:
+    """Worker entry point: the candidate's training result as a dict; failures are results too."""
+    from nas.arch import Arch
+    from nas.data import load_dataset
+    from nas.train import train_candidate
+
+    key = (job.data, job.seed)
+    if key not in _DATASETS:  # each worker process loads the data once
+        _DATASETS[key] = load_dataset(job.data, seed=job.seed)
+    result = train_candidate(Arch.parse(job.arch), job.hparams, job.fidelity, _DATASETS[key],
+                             seed=job.seed, threads=job.threads)
+    return result.to_dict()
+
+
+OnResult = Callable[[TrainJob, dict[str, Any]], None]
+
+
+class InlineExecutor:
+    """One worker: train in this process, in order (deterministic and easiest to debug)."""
+
+    def run(self, jobs: list[TrainJob], on_result: OnResult) -> None:
+        for job in jobs:
+            on_result(job, train_job(job))
+
+    def close(self) -> None:
+        pass
+
+
+class ProcessExecutor:
+    """N local worker processes (spawned, so torch's threads start clean in each)."""
+
+    def __init__(self, workers: int):
+        self.pool = futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def run(self, jobs: list[TrainJob], on_result: OnResult) -> None:
+        pending = {self.pool.submit(train_job, job): job for job in jobs}
+        for done in futures.as_completed(pending):
+            on_result(pending[done], done.result())
+
+    def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
+
+
+class RayExecutor:
+    """Jobs as Ray tasks on a cluster (``address``) or on a local Ray instance (``address=None``)."""
+
+    def __init__(self, address: str | None, threads: int):
+        try:
+            import ray
+        except ImportError:
+            raise NasError("--executor ray needs Ray: pip install 'ray[default]' (or nas[ray])") from None
+        self.ray = ray
+        if not ray.is_initialized():
+            try:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+            except ConnectionError as exc:
+                raise NasError(f"--ray-address {address}: cannot connect to a Ray cluster ({exc})") from None
+        self.remote = ray.remote(num_cpus=threads)(train_job)
+
+    def run(self, jobs: list[TrainJob], on_result: OnResult) -> None:
+        refs = {self.remote.remote(job): job for job in jobs}
+        while refs:
+            ready, _ = self.ray.wait(list(refs), num_returns=1)
+            for ref in ready:
+                on_result(refs.pop(ref), self.ray.get(ref))
+
+    def close(self) -> None:
+        pass
+
+
+def make_executor(kind: str, workers: int, threads: int, ray_address: str | None = None):
+    if kind == "ray":
+        return RayExecutor(ray_address, threads)
+    if kind != "local":
+        raise NasError(f"--executor should be 'local' or 'ray' instead of {kind!r}")
+    if workers < 1:
+        raise NasError(f"--workers must be at least 1, got {workers}")
+    return InlineExecutor() if workers == 1 else ProcessExecutor(workers)
+
+
+def threads_per_worker(workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // workers)

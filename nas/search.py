@@ -1,0 +1,266 @@
+"""The search loop: ask a strategy, train with successive halving, journal everything, resume on rerun.
+
+Each round asks the strategy for a batch of candidates, trains them at the lowest fidelity rung,
+promotes the top 1/eta (by the objective: reward, or Pareto rank for multi-objective searches) to the
+next rung, and so on; a candidate's trial is its result at the highest rung it reached (COMPLETE at the
+top rung, PRUNED below). Latency, FLOPs and parameters come from the latency table and the cost model
+before training, so hard limits reject a candidate without training it.
+
+Resume: the strategy is rebuilt with the same seed and the journal's asks and tells are replayed in
+order; candidates asked but never told (a crash mid-round) are retrained from their journaled rung
+results on. Training is seeded, so with one worker a resumed run equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from nas.arch import Arch
+from nas.cost import arch_cost
+from nas.errors import NasError
+from nas.executor import TrainJob, make_executor, threads_per_worker
+from nas.fidelity import Fidelity, SuccessiveHalving, ladder, maximize
+from nas.journal import Journal
+from nas.objectives import Limits, Objective
+from nas.pareto import crowding_distance, non_dominated_sort
+from nas.space import SearchSpace
+from nas.strategies import Exhausted, make_strategy
+from nas.trial import COMPLETE, FAIL, PRUNED, Trial
+
+MAX_CONSECUTIVE_REJECTS = 1000  # duplicates or limit violations in a row before giving up
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """What the loop needs beyond the space: strategy, budget, objective, fidelity, workers."""
+
+    strategy: str = "evolution"
+    strategy_options: dict[str, Any] = field(default_factory=dict)
+    trials: int = 30  # candidates trained (duplicates and limit rejections do not count)
+    time_budget: float | None = None  # seconds; no new round starts after it
+    objective: Objective = Objective("pareto")
+    limits: Limits = Limits()
+    data: str = "digits"
+    top: Fidelity = Fidelity(epochs=8, fraction=1.0, resolution=32)  # the last rung's training
+    rungs: int = 2
+    eta: int = 3
+    num_classes: int = 10
+    workers: int = 1
+    executor: str = "local"
+    ray_address: str | None = None
+    seed: int = 0
+
+    @property
+    def fidelities(self) -> tuple[Fidelity, ...]:
+        return ladder(self.top, self.eta, self.rungs)
+
+    @property
+    def batch_size(self) -> int:
+        """Candidates per round: enough for successive halving to keep one per eta at each rung."""
+        return max(self.workers, self.eta ** (self.rungs - 1))
+
+
+def rank_key(objective: Objective) -> Callable[[list[dict]], list[float]]:
+    """Lower is better: -value for one objective; front index + (1 - crowding share) for Pareto."""
+    if objective.n_objectives == 1:
+        return maximize(lambda r: r["values"][0] if r["values"] else None)
+
+    def pareto_rank(results: list[dict]) -> list[float]:
+        ok = [i for i, r in enumerate(results) if r["values"]]
+        scores = [math.inf] * len(results)
+        points = [tuple(results[i]["values"]) for i in ok]
+        for depth, front in enumerate(non_dominated_sort(points)):
+            crowd = crowding_distance([points[j] for j in front])
+            order = sorted(range(len(front)), key=lambda j: -crowd[j])
+            for position, j in enumerate(order):
+                scores[ok[front[j]]] = depth + position / (len(front) + 1)
+        return scores
+
+    return pareto_rank
+
+
+class Search:
+    def __init__(self, space: SearchSpace, settings: LoopSettings, run_dir: Path,
+                 predict_latency: Callable[[Arch], float], log: Callable[[str], None] = print):
+        self.space, self.settings, self.log = space, settings, log
+        self.predict_latency = predict_latency
+        self.journal = Journal(run_dir)
+        self.strategy = make_strategy(settings.strategy, space, settings.seed, settings.objective.n_objectives,
+                                      **settings.strategy_options)
+        self.halving = SuccessiveHalving(settings.fidelities, settings.eta)
+        self.rank = rank_key(settings.objective)
+        self.trials: list[Trial] = []  # finished, trained (not cached) trials in finishing order
+        self.by_key: dict[str, Trial] = {}
+        self.next_number = 0
+        self.started = time.monotonic()
+        self.rejects = 0
+        self.resumed = 0  # trials finished before this session (for the ETA)
+
+    # --- cheap, pre-training measurements -----------------------------------------------------
+    def static_metrics(self, params: dict[str, Any]) -> dict[str, Any]:
+        arch = self.space.decode(params, resolution=self.settings.top.resolution)
+        cost = arch_cost(arch, self.settings.num_classes)
+        latency = self.predict_latency(arch)
+        return {"arch": arch.to_string(), "flops": cost.flops, "params": cost.params,
+                "latency_ms": latency, "predicted_latency_ms": latency}
+
+    # --- resume --------------------------------------------------------------------------------
+    def _replay(self) -> tuple[list[tuple[int, dict]], dict[int, dict[int, dict]]]:
+        replay = self.journal.replay()
+        asked: dict[int, dict[str, Any]] = {}
+        for event in replay.events:
+            if event["event"] == "ask":
+                proposed = self.strategy.ask()
+                if proposed != event["params"]:
+                    warnings.warn(f"trial {event['number']}: the strategy proposes differently on replay "
+                                  "(was the configuration changed?); keeping the journaled candidate")
+                asked[event["number"]] = event["params"]
+                self.next_number = event["number"] + 1
+            else:
+                trial = Trial.from_dict(event["trial"])
+                self.strategy.tell(trial)
+                asked.pop(trial.number, None)
+                self._remember(trial, event.get("skipped", False))
+        if self.trials:
+            self.log(f"resuming: {len(self.trials)} finished trials from {self.journal.folder}, "
+                     f"{len(asked)} unfinished to retry")
+        return sorted(asked.items()), replay.rungs
+
+    # --- one round ------------------------------------------------------------------------------
+    def _ask(self) -> tuple[int, dict[str, Any]] | None:
+        """The next candidate worth training; duplicates and limit violations are told and skipped."""
+        while True:
+            try:
+                params = self.strategy.ask()
+            except Exhausted:
+                return None
+            number = self.next_number
+            self.next_number += 1
+            self.journal.ask(number, params)
+            key = self.space.candidate_key(params)
+            if key in self.by_key:  # never train a candidate twice: tell the cached result
+                cached = dataclasses.replace(self.by_key[key], number=number, params=params)
+                self._tell(cached, skipped=True)
+                self._count_reject(f"the strategy keeps proposing candidates it has seen (last: {cached.arch})")
+                continue
+            static = self.static_metrics(params)
+            broken = self.settings.limits.violations(static)
+            if broken:
+                self._tell(Trial(number, params, static["arch"], FAIL, None, static, "limits: " + ", ".join(broken)),
+                           skipped=True)
+                self._count_reject(f"no candidate met the limits ({', '.join(broken)} for the last one); "
+                                   "raise --latency-limit-ms / --flops-limit / --params-limit")
+                continue
+            self.rejects = 0
+            return number, params
+
+    def _count_reject(self, why: str) -> None:
+        self.rejects += 1
+        if self.rejects >= MAX_CONSECUTIVE_REJECTS:
+            raise NasError(f"{self.space.source}: {MAX_CONSECUTIVE_REJECTS} proposals in a row were skipped: {why}")
+
+    def _tell(self, trial: Trial, skipped: bool = False) -> None:
+        """Journal and tell a trial; ``skipped`` ones (duplicates, limit violations) were not trained."""
+        self.journal.tell(trial, skipped=skipped)
+        self.strategy.tell(trial)
+        self._remember(trial, skipped)
+
+    def _remember(self, trial: Trial, skipped: bool) -> None:
+        if not skipped:
+            self.trials.append(trial)
+        self.by_key.setdefault(self.space.candidate_key(trial.params), trial)
+
+    def _round(self, batch: list[tuple[int, dict]], done: dict[int, dict[int, dict]], executor) -> None:
+        """Successive halving over one batch; rung results already journaled are reused."""
+        statics = {n: self.static_metrics(p) for n, p in batch}
+        params = dict(batch)
+        survivors = [n for n, _ in batch]
+        best: dict[int, tuple[int, dict]] = {}
+        for rung, fidelity in enumerate(self.halving.rungs):
+            jobs = [self._job(n, params[n], rung, fidelity, statics[n]) for n in survivors
+                    if rung not in done.get(n, {})]
+
+            def finished(job: TrainJob, result: dict) -> None:
+                result = self._score(result, statics[job.number], fidelity)
+                self.journal.rung(job.number, job.rung, result)
+                done.setdefault(job.number, {})[job.rung] = result
+
+            executor.run(jobs, finished)
+            results = [done[n][rung] for n in survivors]
+            for n in survivors:
+                best[n] = (rung, done[n][rung])
+            if rung == len(self.halving.rungs) - 1:
+                break
+            survivors = [survivors[i] for i in self.halving.promote(results, self.rank)]
+            if not survivors:
+                break
+        top = len(self.halving.rungs) - 1
+        for n, _ in batch:
+            rung, result = best[n]
+            state = FAIL if result["error"] else (COMPLETE if rung == top else PRUNED)
+            values = tuple(result["values"]) if result["values"] else None
+            metrics = {k: v for k, v in result.items() if k not in ("values", "error")}
+            trial = Trial(n, params[n], statics[n]["arch"], state, values, metrics, result["error"], result["seconds"])
+            self._tell(trial)
+            self._log_trial(trial)
+
+    def _job(self, number: int, params: dict, rung: int, fidelity: Fidelity, static: dict) -> TrainJob:
+        s = self.settings
+        return TrainJob(number, rung, static["arch"], self.space.hyperparameters_of(params), fidelity, s.data,
+                        s.seed, threads_per_worker(s.workers))
+
+    def _score(self, train: dict[str, Any], static: dict[str, Any], fidelity: Fidelity) -> dict[str, Any]:
+        metrics = {**{k: v for k, v in static.items() if k != "arch"}, "accuracy": train["accuracy"],
+                   "epochs": fidelity.epochs, "fraction": fidelity.fraction, "resolution": fidelity.resolution,
+                   "val_accuracies": train["val_accuracies"], "train_seconds": train["seconds"],
+                   "seconds": train["seconds"]}
+        error = f"training: {train['error']}" if train["error"] else None
+        values = None if error else list(self.settings.objective.values(metrics))
+        if values is not None and any(math.isnan(v) for v in values):
+            values, error = None, "training: accuracy is not a number"
+        return {**metrics, "values": values, "error": error}
+
+    def _log_trial(self, trial: Trial) -> None:
+        s = self.settings
+        finished = len(self.trials)
+        elapsed = time.monotonic() - self.started
+        eta = elapsed / max(1, finished - self.resumed) * max(0, s.trials - finished)
+        acc = trial.metrics.get("accuracy")
+        values = ", ".join(f"{name}={v:.4g}" for name, v in zip(s.objective.names, trial.values or ()))
+        self.log(f"[{finished}/{s.trials}] trial {trial.number} {trial.state:8} acc="
+                 f"{acc if acc is None else format(acc, '.4f')} lat={trial.metrics.get('latency_ms', 0):.3f}ms "
+                 f"{values} ({trial.metrics.get('epochs')} ep, {trial.seconds:.1f}s) "
+                 f"{trial.error or ''}| elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min")
+
+    # --- the whole search ----------------------------------------------------------------------
+    def run(self) -> list[Trial]:
+        s = self.settings
+        unfinished, done = self._replay()
+        self.resumed = len(self.trials)
+        executor = make_executor(s.executor, s.workers, threads_per_worker(s.workers), s.ray_address)
+        try:
+            if unfinished:
+                self._round(unfinished, done, executor)
+            while len(self.trials) < s.trials:
+                if s.time_budget is not None and time.monotonic() - self.started > s.time_budget:
+                    self.log(f"time budget of {s.time_budget:.0f}s reached after {len(self.trials)} trials")
+                    break
+                batch = []
+                while len(batch) < min(s.batch_size, s.trials - len(self.trials)):
+                    item = self._ask()
+                    if item is None:
+                        break
+                    batch.append(item)
+                if not batch:
+                    self.log("the strategy has no candidates left")
+                    break
+                self._round(batch, done, executor)
+        finally:
+            executor.close()
+        return self.trials
