@@ -6,10 +6,12 @@ fvcore FLOPs and (after ``load_torchvision_weights``) the same outputs. Tests ho
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
-from nas.arch import Arch
+from nas.arch import Arch, make_divisible
 from nas.errors import NasError
 
 REFERENCES: dict[str, str] = {
@@ -53,3 +55,15 @@ def load_torchvision_weights(model: nn.Module, state_dict: dict[str, torch.Tenso
             raise ValueError(f"{name} {tuple(tensor.shape)} does not match {their_name} {tuple(theirs.shape)}")
         mapped[name] = theirs
     model.load_state_dict(mapped)
+
+
+def mobilenet_v2_width(width: float, resolution: int = 224) -> Arch:
+    """torchvision's ``mobilenet_v2(width_mult=width)``: every layer's channels x width rounded to 8,
+    the last conv kept at 1280 unless width > 1 (the baselines a search must beat)."""
+    base = reference("mobilenet_v2")
+    head = len(base.layers) - 1
+    layers = tuple(
+        dataclasses.replace(layer, out=make_divisible(layer.out * (max(1.0, width) if i == head else width)))
+        for i, layer in enumerate(base.layers)
+    )
+    return dataclasses.replace(base, layers=layers, resolution=resolution)
