@@ -1,7 +1,7 @@
 """The run folder's append-only journal: nothing finished is ever lost, and a rerun resumes.
 
-``journal.jsonl`` records every event in order (``ask`` with its params, ``rung`` results of a
-candidate at one fidelity, ``tell`` with the finished trial); ``trials.jsonl`` holds one JSON object
+``journal.jsonl`` records every event in order (``ask`` with its params, ``round`` with the candidates
+trained together, ``rung`` results of a candidate at one fidelity, ``tell`` with the finished trial); ``trials.jsonl`` holds one JSON object
 per finished trial for people and tools. Each line is flushed and fsync'ed before the loop goes on,
 so a crash, kill -9 or Ctrl-C loses at most the evaluation in progress; a torn last line is ignored.
 """
@@ -74,6 +74,10 @@ class Journal:
 
     def ask(self, number: int, params: dict[str, Any]) -> None:
         _append(self.events_path, {"event": "ask", "number": number, "params": params})
+
+    def round(self, numbers: list[int]) -> None:
+        """The candidates of one successive-halving round (promotions compare them with each other)."""
+        _append(self.events_path, {"event": "round", "numbers": numbers})
 
     def rung(self, number: int, rung: int, result: dict[str, Any]) -> None:
         _append(self.events_path, {"event": "rung", "number": number, "rung": rung, "result": result})

@@ -111,26 +111,37 @@ class Search:
                 "latency_ms": latency, "predicted_latency_ms": latency}
 
     # --- resume --------------------------------------------------------------------------------
-    def _replay(self) -> tuple[list[tuple[int, dict]], dict[int, dict[int, dict]]]:
+    def _replay(self) -> tuple[list[tuple[int, dict]], set[int], dict[int, dict[int, dict]]]:
+        """Replay the journal into the strategy; return the round left open by a crash (its members,
+        those of them already told) and every journaled rung result."""
         replay = self.journal.replay()
-        asked: dict[int, dict[str, Any]] = {}
+        params: dict[int, dict[str, Any]] = {}
+        told: set[int] = set()
+        open_round: list[int] = []
         for event in replay.events:
             if event["event"] == "ask":
                 proposed = self.strategy.ask()
                 if proposed != event["params"]:
                     warnings.warn(f"trial {event['number']}: the strategy proposes differently on replay "
                                   "(was the configuration changed?); keeping the journaled candidate")
-                asked[event["number"]] = event["params"]
+                params[event["number"]] = event["params"]
                 self.next_number = event["number"] + 1
+            elif event["event"] == "round":
+                open_round = event["numbers"]
             else:
                 trial = Trial.from_dict(event["trial"])
                 self.strategy.tell(trial)
-                asked.pop(trial.number, None)
+                told.add(trial.number)
                 self._remember(trial, event.get("skipped", False))
-        if self.trials:
-            self.log(f"resuming: {len(self.trials)} finished trials from {self.journal.folder}, "
-                     f"{len(asked)} unfinished to retry")
-        return sorted(asked.items()), replay.rungs
+        untold = [n for n in params if n not in told]
+        if open_round and all(n in told for n in open_round):
+            open_round = []
+        if not open_round:  # crashed while collecting a round: its asks never reached training
+            open_round = untold
+        if self.trials or open_round:
+            self.log(f"resuming {self.journal.folder}: {len(self.trials)} finished trials, "
+                     f"{sum(n not in told for n in open_round)} unfinished to retry")
+        return [(n, params[n]) for n in open_round], told, replay.rungs
 
     # --- one round ------------------------------------------------------------------------------
     def _ask(self) -> tuple[int, dict[str, Any]] | None:
@@ -176,8 +187,10 @@ class Search:
             self.trials.append(trial)
         self.by_key.setdefault(self.space.candidate_key(trial.params), trial)
 
-    def _round(self, batch: list[tuple[int, dict]], done: dict[int, dict[int, dict]], executor) -> None:
-        """Successive halving over one batch; rung results already journaled are reused."""
+    def _round(self, batch: list[tuple[int, dict]], done: dict[int, dict[int, dict]], executor,
+               told: set[int] = frozenset()) -> None:
+        """Successive halving over one batch; rung results already journaled are reused and trials
+        already told (before a crash) are not told again."""
         statics = {n: self.static_metrics(p) for n, p in batch}
         params = dict(batch)
         survivors = [n for n, _ in batch]
@@ -202,6 +215,8 @@ class Search:
                 break
         top = len(self.halving.rungs) - 1
         for n, _ in batch:
+            if n in told:
+                continue
             rung, result = best[n]
             state = FAIL if result["error"] else (COMPLETE if rung == top else PRUNED)
             values = tuple(result["values"]) if result["values"] else None
@@ -241,12 +256,12 @@ class Search:
     # --- the whole search ----------------------------------------------------------------------
     def run(self) -> list[Trial]:
         s = self.settings
-        unfinished, done = self._replay()
+        unfinished, told, done = self._replay()
         self.resumed = len(self.trials)
         executor = make_executor(s.executor, s.workers, threads_per_worker(s.workers), s.ray_address)
         try:
             if unfinished:
-                self._round(unfinished, done, executor)
+                self._round(unfinished, done, executor, told)
             while len(self.trials) < s.trials:
                 if s.time_budget is not None and time.monotonic() - self.started > s.time_budget:
                     self.log(f"time budget of {s.time_budget:.0f}s reached after {len(self.trials)} trials")
@@ -260,6 +275,7 @@ class Search:
                 if not batch:
                     self.log("the strategy has no candidates left")
                     break
+                self.journal.round([n for n, _ in batch])
                 self._round(batch, done, executor)
         finally:
             executor.close()

@@ -133,7 +133,7 @@ def validate(model: nn.Module, data: Dataset, resolution: int) -> tuple[float, f
     correct, loss_sum = 0, 0.0
     with torch.inference_mode():
         for x, y in data.val_batches(EVAL_BATCH, resolution):
-            logits = model(x)
+            logits = model(x.contiguous(memory_format=torch.channels_last))
             loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
             correct += int((logits.argmax(1) == y).sum())
     n = len(data.val)
@@ -172,6 +172,8 @@ def train_candidate(
     the candidate). ``return_model`` puts the trained model, in eval mode, in ``result.model``.
     """
     hp = resolve_hparams(hparams)
+    if threads is not None and threads < 1:
+        raise NasError(f"threads must be at least 1, got {threads}")
     start = time.perf_counter()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads or default_threads())
@@ -182,6 +184,7 @@ def train_candidate(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = build_model(arch.with_resolution(fidelity.resolution), data.num_classes, dropout)
+            model = model.to(memory_format=torch.channels_last)  # about 2x faster depthwise convs on CPU
             generator = torch.Generator().manual_seed(seed)
             optimizer = make_optimizer(model, hp["optimizer"], hp["lr"])
             steps = fidelity.epochs * data.train_steps(fidelity.fraction, hp["batch_size"])
@@ -191,7 +194,7 @@ def train_candidate(
                 model.train()
                 epoch_start, loss_sum, seen = time.perf_counter(), 0.0, 0
                 for x, y in data.train_batches(fidelity.fraction, hp["batch_size"], fidelity.resolution, generator):
-                    loss = criterion(model(x), y)
+                    loss = criterion(model(x.contiguous(memory_format=torch.channels_last)), y)
                     if not torch.isfinite(loss):
                         raise CandidateFailure(f"non-finite training loss ({loss.item()}) in epoch {epoch} at lr {hp['lr']:g}")
                     optimizer.zero_grad(set_to_none=True)
@@ -230,5 +233,5 @@ def train_candidate(
         images_per_second=train_images / train_seconds if train_seconds else 0.0,
         stopped_early=stopped,
         error=error,
-        model=model if return_model and error is None else None,
+        model=model.to(memory_format=torch.contiguous_format) if return_model and error is None else None,
     )

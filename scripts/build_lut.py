@@ -52,9 +52,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(estimate))
         return 0
     out = args.out or default_table_path(space.name, resolution, target)
-    table = build_table(space, target, out, resolution=resolution, num_classes=num_classes, protocol=protocol,
-                        calibration_archs=args.calibration_archs, calibration_seed=args.calibration_seed,
-                        fresh=args.fresh, progress=not args.quiet)
+    try:
+        table = build_table(space, target, out, resolution=resolution, num_classes=num_classes, protocol=protocol,
+                            calibration_archs=args.calibration_archs, calibration_seed=args.calibration_seed,
+                            fresh=args.fresh, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: progress is kept in {out}.partial; run the same command to resume", file=sys.stderr)
+        return 130
     cal = table.calibration
     fit = f"calibration {cal.model} {list(map(lambda c: round(c, 5), cal.coef))}, leave-one-out error " \
           f"{cal.loo_mape[cal.model]:.2f}%" if cal else "no calibration"

@@ -20,9 +20,12 @@ import pytest
 
 from nas.blocks import resolve
 from nas.errors import NasError
+from nas.references import reference
 from nas.latency import build, measure
 from nas.latency.build import build_table, sample_archs
-from nas.latency.measure import Measurement, Protocol, measure_archs, measure_models, measurement_lock, training_lock
+from nas.export import export_onnx
+from nas.latency.measure import (BusyMonitor, Measurement, Protocol, faster, measure_archs, measure_models,
+                                 measurement_lock, training_lock)
 from nas.latency.table import Calibration, LatencyTable, MissingEntryError, TableMismatchWarning, default_table_path
 from nas.latency.targets import PROVIDERS, Target, _session_options, get_target
 from nas.latency.validate import validate_table
@@ -30,7 +33,7 @@ from nas.space import block_contexts, load_space
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TABLE = ROOT / "latency_tables" / "tiny-r16-cpu-t1-b1.json"
-FAST = Protocol(warmup=1, min_runs=2, max_runs=3, session_seconds=0, sessions=1, retries=0)
+FAST = Protocol(warmup=1, min_runs=2, max_runs=3, session_seconds=0, sessions=1, retries=0, reference=False)
 
 MICRO = textwrap.dedent("""\
     name: micro
@@ -115,7 +118,7 @@ def test_sessions_interleave_and_disagreeing_ones_retry(monkeypatch):
         return np.full(4, round(script[model][sum(c == model for c in calls) - 1] * 1e6))
 
     monkeypatch.setattr(measure, "_time_session", fake_session)
-    result = measure_models([0, 1], get_target("cpu"), Protocol(sessions=3, retries=1, spread_tol=0.1))
+    result = measure_models([0, 1], get_target("cpu"), Protocol(sessions=3, retries=1, spread_tol=0.1, reference=False))
     assert calls == [0, 1, 0, 1, 0, 1, 1, 1, 1]
     assert result[0].sessions_ms == (1.0, 1.02, 1.01) and result[0].median_ms == 1.0
     assert result[1].median_ms == 2.0 and len(result[1].sessions_ms) == 6
@@ -126,16 +129,52 @@ def test_sessions_interleave_and_disagreeing_ones_retry(monkeypatch):
 def test_median_aggregate_and_unstable_flag(monkeypatch):
     medians = iter([1.0, 2.0, 4.0])
     monkeypatch.setattr(measure, "_time_session", lambda t, m, p: np.full(3, round(next(medians) * 1e6)))
-    (m,) = measure_models([0], get_target("cpu"), Protocol(sessions=3, retries=0, aggregate="median"))
+    (m,) = measure_models([0], get_target("cpu"), Protocol(sessions=3, retries=0, aggregate="median", reference=False))
     assert m.median_ms == 2.0 and m.spread == 3.0 and not m.stable
+
+
+class _ScriptedMonitor:
+    """Stands in for BusyMonitor: the reference block's slowdown before and after each round."""
+
+    def __init__(self, slowdowns):
+        self.slowdowns = iter(slowdowns)
+
+    def slowdown(self):
+        return next(self.slowdowns)
+
+
+@pytest.mark.parametrize("medians, slowdown, stable", [
+    ([1.05, 1.0], 0.3, False),  # the best session ran while the reference block was 30% slow
+    ([1.0, 1.05], 0.01, True),  # the best session ran on a quiet machine
+])
+def test_busy_round_marks_its_sessions(monkeypatch, medians, slowdown, stable):
+    values = iter(medians)
+    monkeypatch.setattr(measure, "_time_session", lambda t, m, p: np.full(3, round(next(values) * 1e6)))
+    monitor = _ScriptedMonitor([0.0, 0.01, 0.3, 0.02])  # round 1 quiet, round 2 busy at its start
+    (m,) = measure_models([0], get_target("cpu"), Protocol(sessions=2, retries=0), monitor)
+    assert (m.median_ms, m.slowdown, m.stable) == (min(medians), slowdown, stable)
+
+
+def test_measure_archs_measures_unstable_ones_again(micro, monkeypatch):
+    def result(ms, stable):
+        return Measurement(ms, ms, ms, 3, (ms,), 0.0, 0.0 if stable else 0.5, stable)
+
+    rounds = iter([[result(2.0, False), result(1.0, True)], [result(1.5, True)]])
+    calls = []
+    monkeypatch.setattr(measure, "measure_models", lambda models, *a: calls.append(len(models)) or next(rounds))
+    first, second = measure_archs(sample_archs(micro, 2, seed=0), get_target("cpu"), FAST, num_classes=10)
+    assert calls == [2, 1] and (first.median_ms, first.stable) == (1.5, True) and second.median_ms == 1.0
+    assert faster(result(1.0, False), result(1.2, True)).median_ms == 1.0  # noise only adds time
 
 
 def test_real_measurement_statistics(micro):
     archs = sample_archs(micro, 2, seed=0)
     protocol = Protocol(warmup=2, min_runs=5, max_runs=5, sessions=2, retries=0)
-    results = measure_archs(archs, get_target("cpu"), protocol, num_classes=10)
-    for m in results:
-        assert m.count == 10 and len(m.sessions_ms) == 2
+    monitor = BusyMonitor(get_target("cpu"), protocol)
+    assert monitor.reference_ms > 0 and monitor.slowdown() >= 0
+    models = [export_onnx(arch, num_classes=10) for arch in archs]
+    for m in measure_models(models, get_target("cpu"), protocol, monitor):
+        assert m.count == 10 and len(m.sessions_ms) == 2 and m.slowdown >= 0
         assert 0 < m.p10_ms <= m.p90_ms and m.median_ms == min(m.sessions_ms)
         assert Measurement.from_dict(json.loads(json.dumps(m.to_dict()))) == m
 
@@ -291,6 +330,13 @@ def test_shipped_tiny_table_covers_its_space():
     rng = random.Random(0)
     assert all(ms > 0 for ms in table.predict_many(space.decode(space.sample(rng)) for _ in range(200)))
     assert TINY_TABLE.relative_to(ROOT) == default_table_path("tiny", 16, get_target("cpu"))
+
+
+def test_mobilenetv2_table_will_price_the_mobilenet_v2_reference():
+    space = load_space(ROOT / "search_spaces" / "mobilenetv2.yaml")
+    num_classes = build.default_num_classes(space.resolution)
+    specs, head = resolve(reference("mobilenet_v2"), num_classes)
+    assert num_classes == 1000 and {s.key for s in specs} | {head.key} <= _all_keys(space, num_classes)
 
 
 # --- validation and the scripts -----------------------------------------------------------------

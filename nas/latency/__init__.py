@@ -5,14 +5,25 @@ Typical use::
     from nas.latency import LatencyTable
     table = LatencyTable.load("latency_tables/mnasnet-r32-cpu-t1-b1.json", expect_target="cpu", expect_threads=1)
     ms = table.predict(arch)
+
+Names are imported on first use: predicting from a table needs neither torch nor the measurement
+code, and importing torch takes seconds.
 """
 
-from nas.latency.measure import Measurement, Protocol, measure_archs, measure_models, measure_onnx, measurement_lock, training_lock
-from nas.latency.table import LatencyTable, MissingEntryError, TableMismatchWarning, default_table_path
-from nas.latency.targets import PROVIDERS, Target, get_target
+import importlib
 
-__all__ = [
-    "LatencyTable", "Measurement", "MissingEntryError", "PROVIDERS", "Protocol", "TableMismatchWarning", "Target",
-    "default_table_path", "get_target", "measure_archs", "measure_models", "measure_onnx", "measurement_lock",
-    "training_lock",
-]
+_EXPORTS = {
+    "BusyMonitor": "measure", "Measurement": "measure", "Protocol": "measure", "measure_archs": "measure",
+    "measure_models": "measure", "measure_onnx": "measure", "measurement_lock": "measure",
+    "training_lock": "measure",
+    "LatencyTable": "table", "MissingEntryError": "table", "TableMismatchWarning": "table",
+    "default_table_path": "table",
+    "PROVIDERS": "targets", "Target": "targets", "get_target": "targets",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'nas.latency' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"nas.latency.{_EXPORTS[name]}"), name)

@@ -6,6 +6,9 @@ input shape, and measured with the protocol of ``nas.latency.measure``, in chunk
 interleaved. Entries are measured in a fixed shuffled order so that a noisy spell of the machine
 spreads over all stages rather than biasing one.
 
+Entries and calibration networks left unstable (sessions disagreeing, or the machine busy: see
+``nas.latency.measure``) get one more pass at the end, and the faster figure is kept.
+
 Progress is appended to ``<out>.partial`` (JSON lines: a header with the settings, then one line per
 measured entry or calibration network) after every chunk; rerunning the same command reads it and
 measures only what is missing. The finished table is written atomically and the sidecar removed.
@@ -22,7 +25,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
@@ -33,7 +36,7 @@ from nas.blocks import BlockSpec, HeadSpec
 from nas.builder import Head, build_block
 from nas.errors import NasError
 from nas.export import MIN_OPSET, export_onnx
-from nas.latency.measure import Measurement, Protocol, measure_models
+from nas.latency.measure import BusyMonitor, Measurement, Protocol, faster, measure_models
 from nas.latency.table import Calibration, LatencyTable
 from nas.latency.targets import Target, cpu_model
 from nas.space import SearchSpace, block_contexts, with_resolution
@@ -94,12 +97,15 @@ def _settings(space: SearchSpace, target: Target, resolution: int, num_classes: 
 
 
 class _Partial:
-    """The ``.partial`` sidecar: a settings header, then one JSON line per finished measurement."""
+    """The ``.partial`` sidecar: a settings header, then one JSON line per finished measurement.
+
+    A model measured twice (the second pass over unstable ones) keeps its faster figure, both in
+    memory and when the file is read back.
+    """
 
     def __init__(self, path: Path, settings: dict[str, Any], fresh: bool):
         self.path = path
-        self.entries: dict[str, Measurement] = {}
-        self.calibration: dict[str, Measurement] = {}
+        self.done: dict[str, dict[str, Measurement]] = {"entry": {}, "calibration": {}}
         if path.exists() and not fresh:
             self._read(settings)
         else:
@@ -108,7 +114,10 @@ class _Partial:
 
     def _read(self, settings: dict[str, Any]) -> None:
         lines = self.path.read_text().splitlines()
-        header = json.loads(lines[0]).get("header", {}) if lines else {}
+        try:
+            header = json.loads(lines[0])["header"]
+        except (IndexError, json.JSONDecodeError, KeyError, TypeError):
+            raise NasError(f"{self.path}: not a build_lut.py progress file; delete it or pass --fresh") from None
         for field in sorted((set(settings) | set(header)) - {"space_file"}):  # the same file may be named differently
             if header.get(field) != settings.get(field):
                 raise NasError(
@@ -120,18 +129,46 @@ class _Partial:
                 record = json.loads(line)
             except json.JSONDecodeError:  # the line being written when the build was killed
                 continue
-            store = self.entries if "entry" in record else self.calibration
-            store[record.get("entry") or record["calibration"]] = Measurement.from_dict(record["m"])
+            kind = "entry" if "entry" in record else "calibration"
+            self._keep(kind, record[kind], Measurement.from_dict(record["m"]))
+
+    def _keep(self, kind: str, name: str, m: Measurement) -> None:
+        self.done[kind][name] = faster(self.done[kind].get(name), m)
 
     def append(self, kind: str, names: list[str], measurements: list[Measurement]) -> None:
         with self.path.open("a") as handle:
             for name, m in zip(names, measurements):
                 handle.write(json.dumps({kind: name, "m": m.to_dict()}) + "\n")
+                self._keep(kind, name, m)
+
+
+class _Measurer:
+    """Measures named models chunk by chunk into the sidecar, all rounds checked by one busy monitor."""
+
+    def __init__(self, partial: _Partial, target: Target, protocol: Protocol, chunk: int, progress: bool):
+        self.partial, self.target, self.protocol, self.chunk, self.progress = partial, target, protocol, chunk, progress
+        self.monitor = BusyMonitor(target, protocol) if protocol.reference else None
+
+    def run(self, kind: str, names: list[str], model: Callable[[str], bytes], total: int, desc: str) -> None:
+        with tqdm(total=total, initial=total - len(names), desc=desc, unit=kind, disable=not self.progress,
+                  dynamic_ncols=True) as bar:
+            for start in range(0, len(names), self.chunk):
+                part = names[start:start + self.chunk]
+                measured = measure_models([model(name) for name in part], self.target, self.protocol, self.monitor)
+                self.partial.append(kind, part, measured)
+                bar.update(len(part))
+
+    def again(self, kind: str, names: list[str], model: Callable[[str], bytes]) -> None:
+        """One more pass over the unstable ones (a busy spell is usually over by then)."""
+        unstable = [name for name in names if not self.partial.done[kind][name].stable]
+        if unstable:
+            log.info("measuring %d unstable %s(s) once more", len(unstable), kind)
+            self.run(kind, unstable, model, len(unstable), f"unstable {kind}s again")
 
 
 def _entry_dict(m: Measurement) -> dict[str, Any]:
     return {"median_ms": round(m.median_ms, 6), "p10_ms": round(m.p10_ms, 6), "p90_ms": round(m.p90_ms, 6),
-            "count": m.count, "spread": round(m.spread, 4), "stable": m.stable}
+            "count": m.count, "spread": round(m.spread, 4), "slowdown": round(m.slowdown, 4), "stable": m.stable}
 
 
 def build_table(
@@ -165,42 +202,51 @@ def build_table(
     settings = _settings(space, target, resolution, num_classes, opset, protocol, calibration_archs, calibration_seed)
     started = time.perf_counter()
     partial = _Partial(sidecar, settings, fresh)
+    measurer = _Measurer(partial, target, protocol, chunk, progress)
 
     blocks, heads = block_contexts(space, num_classes)
-    items: list[BlockSpec | HeadSpec] = [*blocks, *heads]
-    order = list(range(len(items)))
+    items: dict[str, BlockSpec | HeadSpec] = {item.key: item for item in [*blocks, *heads]}
+    order = list(items)
     random.Random(ENTRY_ORDER_SEED).shuffle(order)
-    todo = [items[i] for i in order if items[i].key not in partial.entries]
-    if stop_after is not None:
-        todo = todo[:stop_after]
+    todo = [key for key in order if key not in partial.done["entry"]]
+    now = todo if stop_after is None else todo[:stop_after]
 
-    done = sum(item.key in partial.entries for item in items)
-    bar = tqdm(total=len(items), initial=done, desc=f"{space.name} entries", unit="entry", disable=not progress, dynamic_ncols=True)
-    with bar:
-        for start in range(0, len(todo), chunk):
-            part = todo[start:start + chunk]
-            models = [_entry_model(item, target, opset) for item in part]
-            measured = measure_models(models, target, protocol)
-            partial.append("entry", [item.key for item in part], measured)
-            partial.entries.update((item.key, m) for item, m in zip(part, measured))
-            bar.update(len(part))
-    if any(item.key not in partial.entries for item in items):
+    def entry_model(key: str) -> bytes:
+        return _entry_model(items[key], target, opset)
+
+    measurer.run("entry", now, entry_model, len(items), f"{space.name} entries")
+    if len(now) < len(todo):
         return None
+    measurer.again("entry", order, entry_model)
 
-    entries = {item.key: _entry_dict(partial.entries[item.key]) for item in items}
-    table = LatencyTable(settings, entries, None, str(out))
-    archs = sample_archs(space, calibration_archs, calibration_seed)
-    calibration = _calibrate(table, archs, target, protocol, partial, num_classes, calibration_seed, chunk, progress)
+    entries = {key: _entry_dict(partial.done["entry"][key]) for key in items}
+    archs = {arch.to_string(): arch for arch in sample_archs(space, calibration_archs, calibration_seed)}
+
+    def network_model(name: str) -> bytes:
+        return export_onnx(archs[name], batch=target.batch, num_classes=num_classes)
+
+    names = list(archs)
+    measurer.run("calibration", [n for n in names if n not in partial.done["calibration"]], network_model,
+                 len(names), "calibration networks")
+    measurer.again("calibration", names, network_model)
+    calibration = None
+    if archs:
+        uncalibrated = LatencyTable(settings, entries, None, str(out))
+        raw = [uncalibrated.predict_raw(arch) for arch in archs.values()]
+        calibration = Calibration.fit(list(archs.values()), [r for r, _ in raw], [n for _, n in raw],
+                                      [partial.done["calibration"][name].median_ms for name in names], calibration_seed)
+
     unstable = sum(not entry["stable"] for entry in entries.values())
     if unstable:
-        log.warning("%d of %d entries kept a session spread above %.0f%% after %d retries (machine busy?); "
-                    "they are marked stable=false in %s", unstable, len(entries), protocol.spread_tol * 100,
-                    protocol.retries, out)
+        log.warning("%d of %d entries stayed unstable (sessions disagreeing or the machine busy beyond %.0f%%) "
+                    "after a second pass; they are marked stable=false in %s", unstable, len(entries),
+                    protocol.spread_tol * 100, out)
     metadata = {
         **settings,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "build_seconds": round(time.perf_counter() - started, 1),  # this run only, when resumed
         "entries": len(entries), "unstable_entries": unstable,
+        "reference_ms": round(measurer.monitor.reference_ms, 6) if measurer.monitor else None,
         "python": platform.python_version(), "platform": platform.platform(), "nas": nas.__version__,
         "command": " ".join(sys.argv),
     }
@@ -208,26 +254,6 @@ def build_table(
     table.save(out)
     partial.path.unlink()
     return table
-
-
-def _calibrate(table: LatencyTable, archs: list[Arch], target: Target, protocol: Protocol, partial: _Partial,
-               num_classes: int, seed: int, chunk: int, progress: bool) -> Calibration | None:
-    """Measure the calibration networks end to end (resumable, interleaved) and fit the calibration."""
-    todo = [arch for arch in archs if arch.to_string() not in partial.calibration]
-    with tqdm(total=len(archs), initial=len(archs) - len(todo), desc="calibration networks", unit="net",
-              disable=not progress, dynamic_ncols=True) as bar:
-        for start in range(0, len(todo), chunk):
-            part = todo[start:start + chunk]
-            models = [export_onnx(arch, batch=target.batch, num_classes=num_classes) for arch in part]
-            measured = measure_models(models, target, protocol)
-            partial.append("calibration", [arch.to_string() for arch in part], measured)
-            partial.calibration.update((arch.to_string(), m) for arch, m in zip(part, measured))
-            bar.update(len(part))
-    if not archs:
-        return None
-    raw = [table.predict_raw(arch) for arch in archs]
-    return Calibration.fit(archs, [r for r, _ in raw], [n for _, n in raw],
-                           [partial.calibration[arch.to_string()].median_ms for arch in archs], seed)
 
 
 def estimate_build_seconds(space: SearchSpace, target: Target, *, resolution: int | None = None,
@@ -241,12 +267,13 @@ def estimate_build_seconds(space: SearchSpace, target: Target, *, resolution: in
     items: list[BlockSpec | HeadSpec] = [*blocks, *heads]
     picked = random.Random(seed).sample(items, min(sample, len(items)))
     started = time.perf_counter()
+    monitor = BusyMonitor(target, protocol) if protocol.reference else None
     exporting = 0.0
     for start in range(0, len(picked), chunk):
         t0 = time.perf_counter()
         models = [_entry_model(item, target, opset) for item in picked[start:start + chunk]]
         exporting += time.perf_counter() - t0
-        measure_models(models, target, protocol)
+        measure_models(models, target, protocol, monitor)
     per_entry = (time.perf_counter() - started) / len(picked)
     return {"entries": len(items), "sampled": len(picked), "per_entry_ms": round(per_entry * 1e3, 2),
             "export_ms": round(exporting / len(picked) * 1e3, 2), "projected_entries_s": round(per_entry * len(items), 1)}

@@ -16,9 +16,10 @@ Why each step (see docs/latency.md for the figures behind them):
   marked unstable and logged.
 - Busy check (``reference``): a machine slowed down as a whole (another process on the shared core,
   cache or memory bus) slows every session alike, which the agreement check cannot see. A fixed
-  reference block is timed before and after each round of sessions; a round during which it ran more
-  than ``spread_tol`` slower than its best marks the round's models unstable. Callers (table builds,
-  validation) measure unstable models once more later and keep the faster figure: noise only adds time.
+  reference block is timed before and after each round of sessions; a figure taken from a round in
+  which it ran more than ``spread_tol`` slower than its best is marked unstable. Table builds,
+  validation and ``measure_archs`` measure unstable models once more later and keep the faster
+  figure: noise only adds time.
 - One measurement at a time per machine, and never alongside training: ``measurement_lock`` is an
   exclusive ``flock`` on a file in the system temp dir, ``training_lock`` a shared one.
 """
@@ -235,7 +236,8 @@ def _summarise(sessions: list[np.ndarray], busy: list[float], protocol: Protocol
     )
 
 
-# a small MBConv (about 20 us at one thread on a 2020s x86 core): memory- and compute-bound parts alike
+# a small MBConv with memory-bound (depthwise) and compute-bound (1x1) parts: 40 us at 1 thread on the
+# 2-core EPYC this was written on (75 us while the other core was busy); a round's check costs ~2 x 12 ms
 REFERENCE_BLOCK = BlockSpec("ir", 16, 16, 96, 3, 1, 0, "relu", True, 16)
 
 
@@ -304,9 +306,11 @@ def measure_archs(
     Models measured while the machine was busy are measured once more and the faster figure kept.
     """
     models = [export_onnx(arch, batch=target.batch, num_classes=num_classes) for arch in archs]
-    results = measure_models(models, target, protocol)
-    again = [i for i, m in enumerate(results) if not m.stable]
-    if again:
-        for i, m in zip(again, measure_models([models[i] for i in again], target, protocol)):
-            results[i] = faster(results[i], m)
+    with measurement_lock():
+        monitor = BusyMonitor(target, protocol) if protocol.reference else None
+        results = measure_models(models, target, protocol, monitor)
+        again = [i for i, m in enumerate(results) if not m.stable]
+        if again:
+            for i, m in zip(again, measure_models([models[i] for i in again], target, protocol, monitor)):
+                results[i] = faster(results[i], m)
     return results

@@ -17,7 +17,6 @@ import dataclasses
 import json
 import operator
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,7 +147,7 @@ class LatencyTable:
         self.source = source
         self._ms = {key: entry["median_ms"] for key, entry in entries.items()}
         # (layer fields, (in_ch, size)) -> (ms, (out_ch, out_size)): resolving a layer costs far more
-        # than this lookup, and a space has few distinct layer contexts
+        # than this lookup, and a space has few distinct layer contexts; likewise for heads
         self._layers: dict[tuple, tuple[float, tuple[int, int]]] = {}
         self._heads: dict[tuple, float] = {}
 
@@ -210,9 +209,8 @@ class LatencyTable:
         head = json.dumps(data, indent=1)[:-2]  # drop the closing "\n}" to append the entries
         lines = [f" {json.dumps(key)}: {json.dumps(entry)}" for key, entry in entries.items()]
         text = head + ',\n "entries": {\n' + ",\n".join(lines) + "\n }\n}\n"
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        tmp = path.with_name(path.name + ".tmp")  # plain open(): the file gets the umask's permissions
+        tmp.write_text(text)
         os.replace(tmp, path)
 
     # --- prediction ---------------------------------------------------------------------------
@@ -222,29 +220,35 @@ class LatencyTable:
         except KeyError:
             raise MissingEntryError(key, self.source, self.metadata) from None
 
-    def _learn_layer(self, layer: Layer, fields: tuple, state: tuple[int, int]) -> tuple[float, tuple[int, int]]:
-        spec = resolve_layer(layer, *state)
-        result = self._layers[fields, state] = (self.entry_ms(spec.key), (spec.out_ch, spec.out_resolution))
-        return result
+    def _learn(self, arch: Arch, num_classes: int) -> None:
+        """Resolve the arch's layers once, memoising each layer context's entry and output shape."""
+        state = (3, arch.resolution)
+        for layer in arch.layers:
+            spec = resolve_layer(layer, *state)
+            ms = self.entry_ms(spec.key)
+            self._layers[_layer_fields(layer), state] = ms, (spec.out_ch, spec.out_resolution)
+            state = (spec.out_ch, spec.out_resolution)
+        head = HeadSpec(arch.pool, state[0], arch.hidden, arch.hidden_act, num_classes, state[1])
+        self._heads[arch.pool, arch.hidden, arch.hidden_act, num_classes, state] = self.entry_ms(head.key)
 
-    def predict_raw(self, arch: Arch, num_classes: int | None = None) -> tuple[float, int]:
-        """Sum of the entries of the arch's blocks and head, and the number of entries summed."""
+    def _lookup(self, arch: Arch, num_classes: int) -> float:
+        """Sum of entries from the memo alone; a KeyError means a context not seen yet."""
         layers = self._layers
         total = 0.0
         state = (3, arch.resolution)
-        for layer in arch.layers:
-            fields = _layer_fields(layer)
-            try:
-                ms, state = layers[fields, state]
-            except KeyError:
-                ms, state = self._learn_layer(layer, fields, state)
+        for fields in map(_layer_fields, arch.layers):
+            ms, state = layers[fields, state]
             total += ms
-        head = (arch.pool, arch.hidden, arch.hidden_act, num_classes or self.num_classes, state)
+        return total + self._heads[arch.pool, arch.hidden, arch.hidden_act, num_classes, state]
+
+    def predict_raw(self, arch: Arch, num_classes: int | None = None) -> tuple[float, int]:
+        """Sum of the entries of the arch's blocks and head, and the number of entries summed."""
+        num_classes = num_classes or self.num_classes
         try:
-            total += self._heads[head]
+            total = self._lookup(arch, num_classes)
         except KeyError:
-            spec = HeadSpec(arch.pool, state[0], arch.hidden, arch.hidden_act, head[3], state[1])
-            total += self._heads.setdefault(head, self.entry_ms(spec.key))
+            self._learn(arch, num_classes)
+            total = self._lookup(arch, num_classes)
         return total, len(arch.layers) + 1
 
     def predict(self, arch: Arch, num_classes: int | None = None) -> float:

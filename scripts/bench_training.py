@@ -1,0 +1,123 @@
+"""Benchmark proxy training: the accuracy bar, throughput, and how well cheap training ranks candidates.
+
+    python scripts/bench_training.py --json bench_training.json
+
+(c) bar: mobilenet_v2 trained with the default proxy budget on digits must reach 95% validation
+    accuracy within 60 s (PASS/FAIL; exit status 1 on FAIL).
+(a) throughput: training images per second of the four references at 32x32 on digits.
+(b) ranking: Spearman correlation between the accuracy of random architectures of
+    search_spaces/mnasnet.yaml (with their sampled hyperparameters) at the default budget and at
+    cheaper fidelities: 1 epoch on 25% of the data, and the search's own first rung.
+Takes about 20 minutes on a 2-core CPU; run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+from nas.errors import NasError, exit_on_user_error
+
+ROOT = Path(__file__).resolve().parent.parent
+BAR_ACCURACY, BAR_SECONDS = 0.95, 60.0
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--archs", type=int, default=16, help="random architectures for the ranking study (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="sampling and training seed (default 0)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: all cores)")
+    p.add_argument("--json", type=Path, help="write all figures as JSON to this file")
+    args = p.parse_args(argv)
+    if args.archs < 3:
+        raise NasError(f"--archs must be at least 3 for a rank correlation, got {args.archs}")
+
+    import torch
+    from scipy.stats import spearmanr
+
+    from nas.data import load_dataset
+    from nas.fidelity import Fidelity, ladder
+    from nas.references import REFERENCES, reference
+    from nas.space import load_space
+    from nas.train import DEFAULT_FIDELITY, DEFAULT_HPARAMS, default_threads, train_candidate
+
+    threads = args.threads or default_threads()
+    data = load_dataset("digits", seed=args.seed)
+    top = DEFAULT_FIDELITY
+    report: dict = {
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
+                    "python": platform.python_version()},
+        "default_fidelity": top.to_dict(),
+        "default_hparams": DEFAULT_HPARAMS,
+    }
+
+    def train(arch, hparams, fidelity):
+        return train_candidate(arch.with_resolution(fidelity.resolution), hparams, fidelity, data, seed=args.seed, threads=threads)
+
+    # (c) the performance bar, first, while nothing else of ours has run
+    bar = train(reference("mobilenet_v2"), DEFAULT_HPARAMS, top)
+    passed = not bar.failed and bar.accuracy >= BAR_ACCURACY and bar.seconds <= BAR_SECONDS
+    report["bar"] = {"arch": "mobilenet_v2", "accuracy": bar.accuracy, "seconds": round(bar.seconds, 2),
+                     "val_accuracies": list(bar.val_accuracies), "error": bar.error, "pass": passed}
+    print(f"(c) mobilenet_v2, default budget ({top.epochs} epochs, {DEFAULT_HPARAMS}): accuracy "
+          f"{bar.accuracy if bar.accuracy is None else round(bar.accuracy, 4)} in {bar.seconds:.1f}s -> "
+          f"{'PASS' if passed else 'FAIL'} (bar: >= {BAR_ACCURACY:.0%} in <= {BAR_SECONDS:.0f}s)", flush=True)
+
+    # (a) training throughput of the references at the proxy resolution
+    report["throughput"] = {}
+    for name in REFERENCES:
+        r = train(reference(name), DEFAULT_HPARAMS, Fidelity(1, 0.5, top.resolution))
+        report["throughput"][name] = round(r.images_per_second, 1)
+        print(f"(a) {name:20s} {r.images_per_second:7.1f} training images/s at {top.resolution}px, "
+              f"batch {DEFAULT_HPARAMS['batch_size']}", flush=True)
+
+    # (b) rank correlation of cheap fidelities with the default budget
+    space = load_space(ROOT / "search_spaces" / "mnasnet.yaml")
+    rng = random.Random(args.seed)
+    cheap = {"1 epoch x 0.25": Fidelity(1, 0.25, top.resolution), "search rung 0": ladder(top, 3, 2)[0]}
+    rows = []
+    for i in range(args.archs):
+        params = space.sample(rng)
+        arch, hp = space.decode(params, resolution=top.resolution), space.hyperparameters_of(params)
+        row = {"arch": arch.to_string(), "hparams": hp}
+        for label, fidelity in {**cheap, "default": top}.items():
+            r = train(arch, hp, fidelity)
+            row[label] = {"accuracy": r.accuracy, "seconds": round(r.seconds, 2), "error": r.error}
+        rows.append(row)
+        print(f"(b) {i + 1:2d}/{args.archs} " + "  ".join(
+            f"{label}: {row[label]['accuracy'] if row[label]['accuracy'] is None else round(row[label]['accuracy'], 3)}"
+            f" ({row[label]['seconds']:.0f}s)" for label in (*cheap, "default")), flush=True)
+    high = [row["default"]["accuracy"] or 0.0 for row in rows]  # a failure ranks with accuracy 0
+    report["ranking"] = {"archs": rows, "spearman": {}, "failed": sum(row["default"]["error"] is not None for row in rows)}
+    for label, fidelity in cheap.items():
+        low = [row[label]["accuracy"] or 0.0 for row in rows]
+        rho = float(spearmanr(low, high).statistic)
+        seconds = sum(row[label]["seconds"] for row in rows) / sum(row["default"]["seconds"] for row in rows)
+        report["ranking"]["spearman"][label] = {"fidelity": fidelity.to_dict(), "rho": round(rho, 3),
+                                                "time_share": round(seconds, 3)}
+        print(f"(b) Spearman({label} {fidelity.epochs} ep x {fidelity.fraction:g}, default) = {rho:.3f} over "
+              f"{len(rows)} architectures, at {seconds:.0%} of the training time", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""The search loop: resume equals an uninterrupted run, dedup, retries, bounded limits, Ray."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, SPACES
+from nas.cost import arch_cost
+from nas.errors import NasError
+from nas.fidelity import Fidelity
+from nas.journal import read_jsonl
+from nas.objectives import Limits, Objective
+from nas.search import LoopSettings, Search
+from nas.space import load_space
+from nas.trial import COMPLETE, PRUNED
+
+TOP = Fidelity(epochs=2, fraction=0.15, resolution=16)  # seconds per candidate on tiny.yaml
+
+
+def flops_latency(arch):
+    """A cheap, real, deterministic latency stand-in: analytic MFLOPs."""
+    return arch_cost(arch, 10).flops / 1e6
+
+
+def settings(**overrides) -> LoopSettings:
+    base = dict(strategy="evolution", strategy_options={"population_size": 4, "sample_size": 2}, trials=6,
+                objective=Objective.mnasnet(0.5, "soft"), top=TOP, rungs=2, eta=2, seed=3)
+    return LoopSettings(**{**base, **overrides})
+
+
+def comparable(path: Path) -> list[dict]:
+    """trials.jsonl without wall-clock fields."""
+    rows = read_jsonl(path)
+    for row in rows:
+        row.pop("seconds")
+        for key in ("seconds", "train_seconds"):
+            row["metrics"].pop(key, None)
+    return rows
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_after(n_lines: int):
+    seen = []
+
+    def log(line: str) -> None:
+        seen.append(line)
+        if sum(line.startswith("[") for line in seen) >= n_lines:
+            raise KeyboardInterrupt  # as Ctrl-C would, in the middle of a round
+
+    return log
+
+
+def test_journal_holds_every_finished_trial_and_successive_halving_prunes(tmp_path):
+    space = load_space(SPACES / "tiny.yaml")
+    trials = Search(space, settings(), tmp_path, flops_latency, log=lambda _: None).run()
+    rows = read_jsonl(tmp_path / "trials.jsonl")
+    assert [r["number"] for r in rows] == [t.number for t in trials] and len(rows) == 6
+    for row in rows:
+        assert {"number", "arch", "params", "state", "metrics"} <= row.keys()
+        assert space.decode(row["params"]).to_string().replace("i16", "i16") == row["arch"]
+    states = [t.state for t in trials]
+    # batches of eta=2: one of each pair goes on to the top rung (two epochs), the other stops after one
+    assert states.count(COMPLETE) == 3 and states.count(PRUNED) == 3
+    assert all(t.metrics["epochs"] == (2 if t.state == COMPLETE else 1) for t in trials)
+
+
+@pytest.mark.parametrize("strategy,options", [("evolution", {"population_size": 4, "sample_size": 2}), ("rl", {})])
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, strategy, options):
+    space = load_space(SPACES / "tiny.yaml")
+    config = settings(strategy=strategy, strategy_options=options)
+    whole = tmp_path / "whole"
+    Search(space, config, whole, flops_latency, log=lambda _: None).run()
+    broken = tmp_path / "broken"
+    with pytest.raises(KeyboardInterrupt):
+        Search(space, config, broken, flops_latency, log=interrupt_after(3)).run()
+    assert len(read_jsonl(broken / "trials.jsonl")) == 3  # nothing finished was lost
+    Search(space, config, broken, flops_latency, log=lambda _: None).run()
+    assert comparable(broken / "trials.jsonl") == comparable(whole / "trials.jsonl")
+
+
+KILLABLE = textwrap.dedent("""
+    import sys
+    from nas.cost import arch_cost
+    from nas.fidelity import Fidelity
+    from nas.objectives import Objective
+    from nas.search import LoopSettings, Search
+    from nas.space import load_space
+    space = load_space(sys.argv[1])
+    s = LoopSettings(strategy="rl", trials=6, objective=Objective.mnasnet(0.5, "soft"),
+                     top=Fidelity(2, 0.15, 16), rungs=2, eta=2, seed=3)
+    Search(space, s, sys.argv[2], lambda a: arch_cost(a, 10).flops / 1e6, log=lambda _: None).run()
+""")
+
+
+def test_kill_9_mid_round_loses_nothing_and_resumes_identically(tmp_path):
+    space_file = str(SPACES / "tiny.yaml")
+    script = tmp_path / "run.py"
+    script.write_text(KILLABLE)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run([sys.executable, str(script), space_file, str(whole)], check=True, env=env, timeout=600)
+    proc = subprocess.Popen([sys.executable, str(script), space_file, str(killed)], env=env)
+    journal = killed / "journal.jsonl"
+    deadline = time.monotonic() + 600
+    # kill once a round has a rung result journaled but the round is not finished
+    while time.monotonic() < deadline and proc.poll() is None:
+        events = read_jsonl(journal) if journal.exists() else []
+        told = sum(e["event"] == "tell" for e in events)
+        if told >= 2 and events[-1]["event"] == "rung":
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = read_jsonl(killed / "trials.jsonl")
+    assert 2 <= len(before) < 6
+    subprocess.run([sys.executable, str(script), space_file, str(killed)], check=True, env=env, timeout=600)
+    assert comparable(killed / "trials.jsonl") == comparable(whole / "trials.jsonl")
+    assert comparable(killed / "trials.jsonl")[: len(before)] == [comparable_row(r) for r in before]
+
+
+def comparable_row(row: dict) -> dict:
+    row = json.loads(json.dumps(row))
+    row.pop("seconds")
+    for key in ("seconds", "train_seconds"):
+        row["metrics"].pop(key, None)
+    return row
+
+
+def small_space(tmp_path: Path) -> Path:
+    """Two architectures and fixed hyperparameters: a strategy must repeat itself."""
+    data = yaml.safe_load((SPACES / "tiny.yaml").read_text())
+    data["width_mult"] = [1.0]
+    data["defaults"].update(op=["ds"], kernel=[3, 5], se=[0], skip=[True], expansion=[3])
+    data["stages"] = [{"channels": 16, "stride": 2, "layers": [1]}]
+    data["hyperparameters"] = {"optimizer": {"type": "categorical", "choices": ["adam"]},
+                               "lr": {"type": "categorical", "choices": [0.01]},
+                               "batch_size": {"type": "categorical", "choices": [64]}}
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_never_trains_a_candidate_twice_and_stops_when_only_repeats_remain(tmp_path):
+    space = load_space(small_space(tmp_path))
+    assert space.size() == 2
+    config = settings(strategy="random", strategy_options={}, trials=3, rungs=1)
+    with pytest.raises(NasError, match="keeps proposing candidates it has seen"):
+        Search(space, config, tmp_path / "run", flops_latency, log=lambda _: None).run()
+    trained = read_jsonl(tmp_path / "run" / "trials.jsonl")
+    assert len(trained) == 2 and len({r["arch"] for r in trained}) == 2
+    skipped = [e for e in read_jsonl(tmp_path / "run" / "journal.jsonl") if e["event"] == "tell" and e["skipped"]]
+    assert skipped and all(e["trial"]["arch"] in {r["arch"] for r in trained} for e in skipped)
+
+
+def test_impossible_limits_end_with_a_clear_error_not_a_loop(tmp_path):
+    space = load_space(SPACES / "tiny.yaml")
+    config = settings(strategy="random", strategy_options={}, limits=Limits(flops=10))
+    with pytest.raises(NasError, match="no candidate met the limits"):
+        Search(space, config, tmp_path, flops_latency, log=lambda _: None).run()
+    assert read_jsonl(tmp_path / "trials.jsonl") == []  # nothing was trained
+
+
+def test_a_failing_candidate_becomes_a_failed_trial_and_the_search_goes_on(tmp_path):
+    space = load_space(SPACES / "tiny.yaml")
+    data = yaml.safe_load((SPACES / "tiny.yaml").read_text())
+    data["hyperparameters"]["lr"] = {"type": "categorical", "choices": [1.0e6]}  # diverges: NaN loss
+    data["hyperparameters"]["optimizer"] = {"type": "categorical", "choices": ["sgd"]}
+    path = tmp_path / "diverge.yaml"
+    path.write_text(yaml.safe_dump(data))
+    space = load_space(path)
+    trials = Search(space, settings(strategy="random", strategy_options={}, trials=2, rungs=1), tmp_path / "run",
+                    flops_latency, log=lambda _: None).run()
+    assert len(trials) == 2 and all(t.state == "FAIL" and "non-finite" in t.error for t in trials)
+
+
+def test_ray_executor_on_a_local_ray_instance(tmp_path):
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        space = load_space(SPACES / "tiny.yaml")
+        local = Search(space, settings(trials=2), tmp_path / "local", flops_latency, log=lambda _: None).run()
+        remote = Search(space, settings(trials=2, executor="ray"), tmp_path / "ray", flops_latency,
+                        log=lambda _: None).run()
+    finally:
+        ray.shutdown()
+    # seeded training gives the same result wherever it runs
+    assert [(t.arch, t.values) for t in remote] == [(t.arch, t.values) for t in local]
