@@ -7,6 +7,7 @@ baselines are trained with the final budget, then the exported model is checked 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -61,9 +62,10 @@ class Candidate:
 
 class MainJob:
     def __init__(self, config: SearchConfig, run_dir: Path | None = None, log: Callable[[str], None] = print):
-        self.config, self.log = config, log
         self.space = load_space(config.space)
         self.resolution = config.resolution or self.space.resolution
+        self.config = config = dataclasses.replace(config, resolution=self.resolution)  # the resolved configuration
+        self.log = log
         self.run_dir = Path(run_dir) if run_dir else default_run_dir(config, self.space)
         from nas.data import load_dataset  # torch import deferred until the configuration is valid
 
@@ -193,12 +195,16 @@ class MainJob:
         c = self.config
         check_resumable(self.run_dir, c)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(json.dumps(c.to_dict() | {"resolution": self.resolution}, indent=2))
+        (self.run_dir / "config.json").write_text(json.dumps(c.to_dict(), indent=2))
         self.log(f"run folder: {self.run_dir}")
         table = self.load_table()
         predict = self.predictor(table)
         objective, limits = self.objective(predict)
         trials = self.search(predict, objective, limits)
+        done = self.run_dir / "best.json"
+        if done.exists() and json.loads(done.read_text()).get("trials") == len(trials) and (self.run_dir / "best.onnx").exists():
+            self.log(f"this run is already complete ({len(trials)} trials): see {self.run_dir / 'report.md'}")
+            return self.run_dir
         front, baselines = self.front(trials), self.baselines()
         if not front:
             raise NasError(f"{self.run_dir}: no candidate finished training at the top rung; raise --trials")
@@ -217,7 +223,7 @@ class MainJob:
             "search_accuracy": winner.accuracy, "latency_ms": winner.latency_ms,
             "predicted_latency_ms": winner.predicted_latency_ms, "reward": reward(final.accuracy, winner.latency_ms, target_ms, alpha, beta),
             "latency_target_ms": target_ms, "reward_setting": c.reward, "hparams": winner.hparams,
-            "resolution": self.resolution, **{k: v for k, v in winner.row(self.data.num_classes).items() if k in ("flops", "params")},
+            "resolution": self.resolution, "trials": len(trials), **{k: v for k, v in winner.row(self.data.num_classes).items() if k in ("flops", "params")},
             **exported,
         }
         (self.run_dir / "best.json").write_text(json.dumps(summary, indent=2))

@@ -36,7 +36,7 @@ from nas.blocks import BlockSpec, HeadSpec
 from nas.builder import Head, build_block
 from nas.errors import NasError
 from nas.export import MIN_OPSET, export_onnx
-from nas.latency.measure import BusyMonitor, Measurement, Protocol, faster, measure_models
+from nas.latency.measure import BusyMonitor, Measurement, Protocol, faster, measure_models, measurement_lock
 from nas.latency.table import Calibration, LatencyTable
 from nas.latency.targets import Target, cpu_model
 from nas.space import SearchSpace, block_contexts, with_resolution
@@ -150,8 +150,9 @@ class _Measurer:
         self.monitor = BusyMonitor(target, protocol) if protocol.reference else None
 
     def run(self, kind: str, names: list[str], model: Callable[[str], bytes], total: int, desc: str) -> None:
-        with tqdm(total=total, initial=total - len(names), desc=desc, unit=kind, disable=not self.progress,
-                  dynamic_ncols=True) as bar:
+        # the lock covers exporting too: it would disturb another process's measurement
+        with measurement_lock(), tqdm(total=total, initial=total - len(names), desc=desc, unit=kind,
+                                      disable=not self.progress, dynamic_ncols=True) as bar:
             for start in range(0, len(names), self.chunk):
                 part = names[start:start + self.chunk]
                 measured = measure_models([model(name) for name in part], self.target, self.protocol, self.monitor)

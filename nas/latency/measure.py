@@ -35,7 +35,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -299,18 +299,30 @@ def measure_onnx(model: bytes, target: Target, protocol: Protocol = Protocol()) 
 
 
 def measure_archs(
-    archs: Sequence[Arch], target: Target, protocol: Protocol = Protocol(), num_classes: int = 1000
+    archs: Sequence[Arch], target: Target, protocol: Protocol = Protocol(), num_classes: int = 1000, *,
+    chunk: int = 10, monitor: BusyMonitor | None = None, progress: Callable[[int], object] | None = None,
 ) -> list[Measurement]:
     """End-to-end latency of whole networks (each at its own resolution), measured interleaved.
 
-    Models measured while the machine was busy are measured once more and the faster figure kept.
+    Networks are exported and measured ``chunk`` at a time (a 224-px model takes megabytes), all under
+    the machine-wide lock so that exporting never disturbs another process's measurement. Models left
+    unstable are measured once more at the end and the faster figure kept. ``progress(k)`` is called
+    after each chunk of the first pass.
     """
-    models = [export_onnx(arch, batch=target.batch, num_classes=num_classes) for arch in archs]
-    with measurement_lock():
-        monitor = BusyMonitor(target, protocol) if protocol.reference else None
-        results = measure_models(models, target, protocol, monitor)
-        again = [i for i, m in enumerate(results) if not m.stable]
-        if again:
-            for i, m in zip(again, measure_models([models[i] for i in again], target, protocol, monitor)):
+    results: list[Measurement | None] = [None] * len(archs)
+
+    def run(indices: list[int], report: Callable[[int], object] | None) -> None:
+        for start in range(0, len(indices), chunk):
+            part = indices[start:start + chunk]
+            models = [export_onnx(archs[i], batch=target.batch, num_classes=num_classes) for i in part]
+            for i, m in zip(part, measure_models(models, target, protocol, monitor)):
                 results[i] = faster(results[i], m)
+            if report:
+                report(len(part))
+
+    with measurement_lock():
+        if protocol.reference and monitor is None:
+            monitor = BusyMonitor(target, protocol)
+        run(list(range(len(archs))), progress)
+        run([i for i, m in enumerate(results) if not m.stable], None)
     return results

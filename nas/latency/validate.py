@@ -20,9 +20,8 @@ from tqdm import tqdm
 
 from nas.cost import arch_cost
 from nas.errors import NasError
-from nas.export import export_onnx
 from nas.latency.build import sample_archs
-from nas.latency.measure import BusyMonitor, Measurement, Protocol, faster, measure_models
+from nas.latency.measure import BusyMonitor, Protocol, measure_archs
 from nas.latency.table import LatencyTable
 from nas.latency.targets import Target
 from nas.space import SearchSpace, with_resolution
@@ -58,22 +57,14 @@ def validate_table(table: LatencyTable, space: SearchSpace, target: Target, n: i
     excluded = table.calibration.arch_keys if table.calibration else frozenset()
     archs = sample_archs(space, n, seed, exclude=excluded)
     predicted = table.predict_many(archs)  # before measuring: a missing entry fails fast
+    if not archs:
+        raise NasError(f"{space.source}: no held-out architectures left; the space holds only the calibration ones")
     started = time.perf_counter()
     monitor = BusyMonitor(target, protocol) if protocol.reference else None
-    measured: list[Measurement] = []
     with tqdm(total=len(archs), desc="validation networks", unit="net", disable=not progress,
               dynamic_ncols=True) as bar:
-        for start in range(0, len(archs), chunk):
-            part = archs[start:start + chunk]
-            models = [export_onnx(arch, batch=target.batch, num_classes=num_classes) for arch in part]
-            measured += measure_models(models, target, protocol, monitor)
-            bar.update(len(part))
-    again = [i for i, m in enumerate(measured) if not m.stable]  # once more, keeping the faster figure
-    for start in range(0, len(again), chunk):
-        part = again[start:start + chunk]
-        models = [export_onnx(archs[i], batch=target.batch, num_classes=num_classes) for i in part]
-        for i, m in zip(part, measure_models(models, target, protocol, monitor)):
-            measured[i] = faster(measured[i], m)
+        measured = measure_archs(archs, target, protocol, num_classes, chunk=chunk, monitor=monitor,
+                                 progress=bar.update)
     rows = []
     for arch, pred, m in zip(archs, predicted, measured):
         cost = arch_cost(arch, num_classes)
