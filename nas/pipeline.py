@@ -173,17 +173,20 @@ class MainJob:
         return result
 
     def export(self, model, path: Path) -> dict[str, Any]:
-        """best.onnx with a parity check against PyTorch and its own accuracy under ONNX Runtime."""
+        """best.onnx with a parity check against PyTorch and its own accuracy under ONNX Runtime;
+        the weights go to weights.pt beside it (scripts/export.py re-exports from them)."""
         import onnxruntime as ort
+        import torch
 
         from nas.export import check_parity, export_onnx
         from nas.train import evaluate
 
+        torch.save(model.state_dict(), path.with_name("weights.pt"))
         onnx_bytes = export_onnx(model, path, resolution=self.resolution)
         parity = check_parity(model, onnx_bytes)
         session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
-        accuracy = evaluate(lambda x: np.concatenate([session.run(None, {name: x[i:i + 1]})[0] for i in range(len(x))]),
+        accuracy = evaluate(lambda x: [session.run(None, {name: x[i:i + 1]})[0][0] for i in range(len(x))],
                             self.data, self.resolution)
         self.log(f"exported {path} (parity {parity:.2e}); ONNX Runtime validation accuracy {accuracy:.4f}")
         return {"onnx": str(path), "parity_rel_max_abs": parity, "onnx_accuracy": accuracy}

@@ -77,3 +77,14 @@ def test_bad_options_exit_2_with_one_line(tmp_path, args, fragment):
     assert result.returncode == 2, result.stderr[-1000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in result.stderr
+
+
+def test_export_script_reuses_the_runs_trained_weights(run, tmp_path):
+    out, _ = run
+    result = run_script("export.py", str(out), "--out", str(tmp_path / "m.onnx"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = json.loads(result.stdout)
+    best = json.loads((out / "best.json").read_text())
+    assert "using trained weights" in result.stderr
+    assert row["arch"] == best["arch"] and row["parity_rel_max_abs"] <= 1e-4
+    assert row["onnx_accuracy"] == best["onnx_accuracy"]

@@ -1,0 +1,76 @@
+"""Export an architecture to ONNX with a PyTorch parity check, trained or taken from a run.
+
+    python scripts/export.py runs/<name> --out model.onnx              # the run's trained winner
+    python scripts/export.py ARCH --out model.onnx [--epochs N] [--data SPEC] [--resolution R]
+
+ARCH is a reference name, a canonical architecture string or a JSON file (a run's best.json: its
+weights.pt beside it is used when present). Prints one JSON object: parity, accuracy, path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from nas.cli import parse_arch_argument
+from nas.errors import NasError, exit_on_user_error
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("arch", help="run folder, best.json, reference name or architecture string")
+    parser.add_argument("--out", required=True, help="ONNX file to write")
+    parser.add_argument("--epochs", type=int, default=8, help="training epochs when there are no trained weights")
+    parser.add_argument("--data", default="digits", help="digits, cifar10:PATH or imagefolder:PATH")
+    parser.add_argument("--resolution", type=int, help="input resolution (default: the architecture's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--opset", type=int, default=17)
+    args = parser.parse_args(argv)
+    source = Path(args.arch)
+    if source.is_dir():
+        source = source / "best.json"
+        if not source.is_file():
+            raise NasError(f"{args.arch}: not a finished run folder (no best.json); run scripts/search.py first")
+    arch = parse_arch_argument(str(source) if source.suffix == ".json" else args.arch)
+    if args.resolution:
+        arch = arch.with_resolution(args.resolution)
+    hparams = json.loads(source.read_text()).get("hparams") if source.suffix == ".json" and source.is_file() else None
+    weights = source.with_name("weights.pt") if source.suffix == ".json" else None
+
+    import onnxruntime as ort
+    import torch
+
+    from nas.builder import build_model
+    from nas.data import load_dataset
+    from nas.export import check_parity, export_onnx
+    from nas.fidelity import Fidelity
+    from nas.train import evaluate, train_candidate
+
+    data = load_dataset(args.data, seed=args.seed)
+    if weights is not None and weights.is_file() and not args.resolution:
+        model = build_model(arch, data.num_classes).eval()
+        model.load_state_dict(torch.load(weights, weights_only=True))
+        print(f"using trained weights from {weights}", file=sys.stderr)
+    else:
+        print(f"training for {args.epochs} epochs on {args.data} at {arch.resolution}px", file=sys.stderr)
+        result = train_candidate(arch, hparams or None, Fidelity(args.epochs, 1.0, arch.resolution), data,
+                                 seed=args.seed, return_model=True)
+        if result.failed:
+            raise NasError(f"training failed: {result.error}")
+        model = result.model
+    onnx_bytes = export_onnx(model, args.out, resolution=arch.resolution, opset=args.opset)
+    parity = check_parity(model, onnx_bytes)
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    accuracy = evaluate(lambda x: [session.run(None, {name: x[i:i + 1]})[0][0] for i in range(len(x))], data,
+                        arch.resolution)
+    print(json.dumps({"arch": arch.to_string(), "onnx": args.out, "parity_rel_max_abs": parity,
+                      "onnx_accuracy": accuracy}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
