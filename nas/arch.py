@@ -24,6 +24,7 @@ dropped where none is possible, so an irrelevant choice never changes the string
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -57,9 +58,13 @@ def _fmt(x: float) -> str:
     return format(x, "g")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Layer:
-    """One layer as chosen, before channels are carried in from the previous layer."""
+    """One layer as chosen, before channels are carried in from the previous layer.
+
+    Hashed and compared through one precomputed tuple: layers are dict keys in every memo of the
+    cost model and the latency table, on the hot path of a search.
+    """
 
     op: str
     kernel: int = 3
@@ -79,6 +84,20 @@ class Layer:
         if self.op == "maxpool":
             for name, value in (("out", 0), ("se", 0.0), ("act", "relu"), ("skip", True)):
                 object.__setattr__(self, name, value)
+        fields = (self.op, self.kernel, self.stride, self.out, self.expansion, self.se, self.act, self.skip)
+        object.__setattr__(self, "_fields", fields)
+        object.__setattr__(self, "_hash", hash(fields))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def replace(self, **changes: Any) -> "Layer":
+        """A copy with some fields changed, interned: equal layers are usually the same object."""
+        fields = dict(zip(_LAYER_FIELDS, self._fields), **changes)
+        return intern_layer(*fields.values())
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (isinstance(other, Layer) and self._fields == other._fields)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -148,6 +167,16 @@ class Arch:
         return dataclasses.replace(self, resolution=resolution)
 
 
+_LAYER_FIELDS = ("op", "kernel", "stride", "out", "expansion", "se", "act", "skip")
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def intern_layer(op: str, kernel: int = 3, stride: int = 1, out: int = 0, expansion: float = 1.0, se: float = 0.0,
+                 act: str = "relu", skip: bool = True) -> Layer:
+    """``Layer(...)`` shared between equal calls: decoding builds the same layers over and over."""
+    return Layer(op, kernel, stride, out, expansion, se, act, skip)
+
+
 def canonical_layers(layers: tuple[Layer, ...]) -> tuple[Layer, ...]:
     """Normalise choices that do not change the network, so equal networks compare equal."""
     result = []
@@ -155,7 +184,7 @@ def canonical_layers(layers: tuple[Layer, ...]) -> tuple[Layer, ...]:
     for layer in layers:
         out = layer.out or channels
         residual_possible = layer.op in ("conv", "ds", "ir") and layer.stride == 1 and out == channels
-        result.append(layer if residual_possible or layer.skip else dataclasses.replace(layer, skip=True))
+        result.append(layer if residual_possible or layer.skip else layer.replace(skip=True))
         channels = out
     return tuple(result)
 
@@ -192,7 +221,7 @@ def format_arch(arch: Arch) -> str:
     layers = arch.layers
     while i < len(layers):
         first = layers[i]
-        follower = dataclasses.replace(first, stride=1)
+        follower = first.replace(stride=1)
         j = i + 1
         # later layers of a run repeat the first at stride 1; their residual is always possible
         while j < len(layers) and layers[j] == follower and first.op != "maxpool" and first.out:
@@ -301,7 +330,7 @@ def parse_arch(text: str) -> Arch:
         )
         _check_layer(text, token, layer)
         layers.append(layer)
-        layers.extend([dataclasses.replace(layer, stride=1)] * (repeats - 1))
+        layers.extend([layer.replace(stride=1)] * (repeats - 1))
     if pool is None:
         raise ArchStringError(text, tokens[-1], f"missing the pooling token ({' or '.join(POOLS)}) after the layers")
     if not layers:

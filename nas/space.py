@@ -12,6 +12,7 @@ into an ``Arch``, ``hyperparameters`` into the training settings. The schema is 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import random
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from nas.arch import ACTIVATIONS, KERNELS, POOLS, STRIDES, Arch, Layer, make_divisible
+from nas.arch import ACTIVATIONS, KERNELS, POOLS, STRIDES, Arch, Layer, intern_layer, make_divisible
 from nas.blocks import BlockSpec, HeadSpec, conv_out_size, resolve_layer
 from nas.errors import SpaceError
 
@@ -114,49 +115,52 @@ class SearchSpace:
     def _value(self, params: dict[str, Any], name: str, options: tuple) -> Any:
         if len(options) == 1:
             return options[0]
-        if name not in params:
-            raise SpaceError(self.source, name, "missing from the parameters")
-        if params[name] not in options:
-            raise SpaceError(self.source, name, f"{params[name]!r} is not one of {list(options)}")
-        return params[name]
+        try:
+            value = params[name]
+        except KeyError:
+            raise SpaceError(self.source, name, "missing from the parameters") from None
+        if value not in options:
+            raise SpaceError(self.source, name, f"{value!r} is not one of {list(options)}")
+        return value
+
+    @functools.cached_property
+    def _plan(self) -> tuple:
+        """Decision names per stage and layer, built once: decoding runs thousands of times a second."""
+        plan = []
+        for i, stage in enumerate(self.stages):
+            prefixes = [f"s{i}"] if self.choice_per == "block" else [f"s{i}.l{j}" for j in range(max(stage.choices["layers"]))]
+            names = tuple(tuple((f"{p}.{key}", stage.choices[key]) for key in CHOICE_KEYS[2:]) for p in prefixes)
+            plan.append((stage, (f"s{i}.layers", stage.choices["layers"]), (f"s{i}.width", stage.choices["width"]), names))
+        return tuple(plan)
 
     # --- decoding ------------------------------------------------------------------------------
     def decode(self, params: dict[str, Any], resolution: int | None = None) -> Arch:
         """The network a point of the space describes (hyperparameters ignored)."""
-        wm = self._value(params, "width_mult", self.width_mult)
+        value = self._value
+        wm = value(params, "width_mult", self.width_mult)
         layers = []
         for item in self.stem:
             out = make_divisible(item["channels"] * wm) if item["op"] != "maxpool" else 0
-            layers.append(Layer(item["op"], item["kernel"], item["stride"], out, act=item["act"]))
-        for i, stage in enumerate(self.stages):
-            depth = self._value(params, f"s{i}.layers", stage.choices["layers"])
-            width = self._value(params, f"s{i}.width", stage.choices["width"])
-            out = make_divisible(stage.channels * width * wm)
+            layers.append(intern_layer(item["op"], item["kernel"], item["stride"], out, act=item["act"]))
+        for stage, depth_decision, width_decision, names in self._plan:
+            depth = value(params, *depth_decision)
+            out = make_divisible(stage.channels * value(params, *width_decision) * wm)
             if self.choice_per == "block":
-                first = self._layer(params, f"s{i}", stage, out, stage.stride)
+                first = self._layer(params, names[0], out, stage.stride)
                 layers.append(first)
                 if depth > 1:
-                    layers.extend([dataclasses.replace(first, stride=1)] * (depth - 1))
+                    layers.extend([first.replace(stride=1)] * (depth - 1))
             else:
-                layers.extend(self._layer(params, f"s{i}.l{j}", stage, out, stage.stride if j == 0 else 1)
-                              for j in range(depth))
+                layers.extend(self._layer(params, names[j], out, stage.stride if j == 0 else 1) for j in range(depth))
         head = self.head
         if head.get("channels"):
-            layers.append(Layer("conv", 1, 1, make_divisible(head["channels"] * max(1.0, wm)), act=head["act"]))
+            layers.append(intern_layer("conv", 1, 1, make_divisible(head["channels"] * max(1.0, wm)), act=head["act"]))
         return Arch(resolution or self.resolution, tuple(layers), pool=head["pool"])
 
-    def _layer(self, params: dict[str, Any], prefix: str, stage: Stage, out: int, stride: int) -> Layer:
-        pick = {key: self._value(params, f"{prefix}.{key}", stage.choices[key]) for key in CHOICE_KEYS[2:]}
-        return Layer(
-            op=pick["op"],
-            kernel=pick["kernel"],
-            stride=stride,
-            out=out,
-            expansion=float(pick["expansion"]) if pick["op"] in ("ir", "bot") else 1.0,
-            se=float(pick["se"]),
-            act=pick["act"],
-            skip=bool(pick["skip"]),
-        )
+    def _layer(self, params: dict[str, Any], names: tuple, out: int, stride: int) -> Layer:
+        op, kernel, expansion, se, skip, act = (self._value(params, name, options) for name, options in names)
+        return intern_layer(op, kernel, stride, out, float(expansion) if op in ("ir", "bot") else 1.0, float(se), act,
+                            bool(skip))
 
     def hyperparameters_of(self, params: dict[str, Any]) -> dict[str, Any]:
         """Training hyperparameters of a point: {'optimizer': 'adam', 'lr': 0.01, 'batch_size': 64}."""

@@ -29,7 +29,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 # The default proxy budget, tuned so mobilenet_v2 at 32x32 on digits clears 95% validation accuracy
 # well inside 60 s on a 2-core CPU (docs/training.md has the measurement).
 DEFAULT_FIDELITY = Fidelity(epochs=8, fraction=1.0, resolution=32)
-DEFAULT_HPARAMS: dict[str, Any] = {"optimizer": "sgd", "lr": 0.1, "batch_size": 64}
+DEFAULT_HPARAMS: dict[str, Any] = {"optimizer": "sgd", "lr": 0.05, "batch_size": 64}
 WEIGHT_DECAY = {"sgd": 4e-5, "adam": 0.0, "adamw": 0.01}
 WARMUP_SHARE = 0.05  # linear warm-up over the first 5% of steps, then cosine to zero
 LABEL_SMOOTHING = 0.1

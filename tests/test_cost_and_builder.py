@@ -82,3 +82,12 @@ def test_analytic_cost_equals_fvcore_and_built_model_on_random_architectures(spa
         cost = arch_cost(arch, 10)
         assert cost.params == n_params(model), arch.to_string()
         assert cost.flops == fvcore_flops(model, arch.resolution), arch.to_string()
+
+
+@pytest.mark.parametrize("width", [0.35, 0.5, 0.75, 1.0, 1.4])
+def test_mobilenet_v2_width_family_matches_torchvision(width):
+    from nas.references import mobilenet_v2_width
+
+    arch = mobilenet_v2_width(width, resolution=224)
+    theirs = torchvision.models.mobilenet_v2(width_mult=width)
+    assert arch_cost(arch, 1000).params == n_params(theirs) == n_params(build_model(arch, 1000))

@@ -13,9 +13,7 @@ candidate with the lowest leave-one-out error on the calibration networks.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import operator
 import os
 import warnings
 from dataclasses import dataclass
@@ -25,7 +23,7 @@ from typing import Any, Iterable
 import numpy as np
 import onnxruntime as ort
 
-from nas.arch import Arch, Layer
+from nas.arch import Arch
 from nas.blocks import BlockSpec, HeadSpec, resolve_layer
 from nas.errors import NasError
 from nas.latency.targets import Target, cpu_model
@@ -33,9 +31,6 @@ from nas.latency.targets import Target, cpu_model
 SCHEMA = 1
 TABLES_DIR = Path("latency_tables")
 CALIBRATION_MODELS = {"raw": 0, "linear": 2, "linear_blocks": 3}  # name -> number of coefficients
-
-_layer_fields = operator.attrgetter(*(f.name for f in dataclasses.fields(Layer)))
-
 
 class MissingEntryError(NasError):
     """The table has no entry for a block: names the key and the table file."""
@@ -226,7 +221,7 @@ class LatencyTable:
         for layer in arch.layers:
             spec = resolve_layer(layer, *state)
             ms = self.entry_ms(spec.key)
-            self._layers[_layer_fields(layer), state] = ms, (spec.out_ch, spec.out_resolution)
+            self._layers[layer, state] = ms, (spec.out_ch, spec.out_resolution)
             state = (spec.out_ch, spec.out_resolution)
         head = HeadSpec(arch.pool, state[0], arch.hidden, arch.hidden_act, num_classes, state[1])
         self._heads[arch.pool, arch.hidden, arch.hidden_act, num_classes, state] = self.entry_ms(head.key)
@@ -236,8 +231,8 @@ class LatencyTable:
         layers = self._layers
         total = 0.0
         state = (3, arch.resolution)
-        for fields in map(_layer_fields, arch.layers):
-            ms, state = layers[fields, state]
+        for layer in arch.layers:
+            ms, state = layers[layer, state]
             total += ms
         return total + self._heads[arch.pool, arch.hidden, arch.hidden_act, num_classes, state]
 
