@@ -8,20 +8,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from nas.errors import NasError
 
 
+# A default run trains a few dozen candidates: evolution's textbook population (20) would leave it
+# almost no generations, so the main job starts evolving after 8.
+SMALL_BUDGET_OPTIONS: dict[str, dict[str, Any]] = {"evolution": {"population_size": 8, "sample_size": 3}}
+
+
 @dataclass(frozen=True)
 class SearchConfig:
     space: str = "search_spaces/mnasnet.yaml"
     strategy: str = "evolution"  # random | grid | evolution | nsga2 | rl | tpe | gp
-    strategy_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"population_size": 12}
+    strategy_options: dict[str, Any] | None = None  # e.g. {"population_size": 12}; None: SMALL_BUDGET_OPTIONS
     trials: int = 24  # candidates trained (successive halving stops most early)
-    time_budget: float | None = None  # seconds of search; no new round starts after it
+    time_budget: float | None = 540.0  # seconds of search; no new round starts after it (keeps the default run ~15 min)
     objectives: str = "pareto"  # pareto: accuracy up, latency down | reward: MnasNet's ACC x (LAT/T)^w
     reward: str = "soft"  # soft (alpha = beta = -0.07) | hard (alpha = 0, beta = -1)
     latency_target_ms: float | None = None  # T; default 0.56 x the fastest MobileNetV2 baseline (MnasNet's 1.8x)
@@ -30,7 +35,7 @@ class SearchConfig:
     params_limit: float | None = None
     data: str = "digits"  # digits | cifar10:PATH | imagefolder:PATH
     resolution: int | None = None  # input resolution of search, latency and export; default: the space's
-    epochs: int = 8  # top rung (and final training) epochs
+    epochs: int = 6  # top rung (and final training) epochs
     fraction: float = 1.0  # top rung share of the training data
     rungs: int = 2  # successive-halving rungs; each lower rung gets 1/eta of the budget
     eta: int = 3
@@ -69,6 +74,8 @@ class SearchConfig:
             if not ok:
                 raise NasError(f"{option} should be {allowed}, got {value!r}")
         object.__setattr__(self, "baselines", tuple(float(w) for w in self.baselines))
+        if self.strategy_options is None:
+            object.__setattr__(self, "strategy_options", dict(SMALL_BUDGET_OPTIONS.get(self.strategy, {})))
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -4,7 +4,7 @@ Specs accepted by ``load_dataset``:
 
 - ``digits``: scikit-learn's embedded 8x8 handwritten digits (1,797 images, 10 classes), the default.
 - ``cifar10:PATH``: the standard ``cifar-10-batches-py`` folder. Validation is a stratified 10% held
-  out of ``data_batch_1..5``, so a search never looks at ``test_batch`` (kept for a final report).
+  out of ``data_batch_1..5``, so a search never looks at ``test_batch``.
 - ``imagefolder:PATH``: torchvision's ImageFolder layout, either ``PATH/train/<class>/*`` and
   ``PATH/val/<class>/*`` or one ``PATH/<class>/*`` tree split 80/20 (stratified, seeded).
 

@@ -61,11 +61,11 @@ class Candidate:
 
 
 class MainJob:
-    def __init__(self, config: SearchConfig, run_dir: Path | None = None, log: Callable[[str], None] = print):
+    def __init__(self, config: SearchConfig, run_dir: Path | None = None, log: Callable[[str], None] | None = None):
         self.space = load_space(config.space)
         self.resolution = config.resolution or self.space.resolution
         self.config = config = dataclasses.replace(config, resolution=self.resolution)  # the resolved configuration
-        self.log = log
+        self.log = log or (lambda line: print(line, flush=True))
         self.run_dir = Path(run_dir) if run_dir else default_run_dir(config, self.space)
         from nas.data import load_dataset  # torch import deferred until the configuration is valid
 

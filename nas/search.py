@@ -87,8 +87,9 @@ def rank_key(objective: Objective) -> Callable[[list[dict]], list[float]]:
 
 class Search:
     def __init__(self, space: SearchSpace, settings: LoopSettings, run_dir: Path,
-                 predict_latency: Callable[[Arch], float], log: Callable[[str], None] = print):
-        self.space, self.settings, self.log = space, settings, log
+                 predict_latency: Callable[[Arch], float], log: Callable[[str], None] | None = None):
+        self.space, self.settings = space, settings
+        self.log = log or (lambda line: print(line, flush=True))  # one line per trial, even into a file
         self.predict_latency = predict_latency
         self.journal = Journal(run_dir)
         self.strategy = make_strategy(settings.strategy, space, settings.seed, settings.objective.n_objectives,

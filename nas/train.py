@@ -34,6 +34,9 @@ WEIGHT_DECAY = {"sgd": 4e-5, "adam": 0.0, "adamw": 0.01}
 WARMUP_SHARE = 0.05  # linear warm-up over the first 5% of steps, then cosine to zero
 LABEL_SMOOTHING = 0.1
 EVAL_BATCH = 256
+BN_CALIBRATION_IMAGES = 512
+BN_MOMENTUM = 0.1  # torch's default, which the builder keeps
+BN_STALE_SHARE = 0.01  # recalibrate while the running statistics hold more of their start than this
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,33 @@ def warmup_cosine(total_steps: int) -> Callable[[int], float]:
     return factor
 
 
+def recalibrate_batchnorm(model: nn.Module, data: Dataset, fraction: float, resolution: int) -> None:
+    """Re-estimate BatchNorm's running statistics from the current weights on training images.
+
+    After a few steps the running averages (momentum 0.1, starting at mean 0, variance 1) are still
+    mostly their starting values, and a model that fits its training data scores chance on
+    validation: low-fidelity accuracies would rank nothing. A forward pass over the first
+    ``BN_CALIBRATION_IMAGES`` of the training prefix (no augmentation) with a cumulative average fixes
+    that, as single-path NAS and Once-for-All do before evaluating a subnet. Only for short runs:
+    after a full cosine schedule the running averages, taken over many more images, score higher.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    model.train()
+    n = min(BN_CALIBRATION_IMAGES, data.train_size(fraction))
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):  # dropout's draws must not shift training's
+        for indices in torch.arange(n).tensor_split(math.ceil(n / EVAL_BATCH)):  # equal sizes, never 1 of n > 1
+            x, _ = data.train.get(indices, resolution)
+            model(x.contiguous(memory_format=torch.channels_last))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+
+
 def validate(model: nn.Module, data: Dataset, resolution: int) -> tuple[float, float]:
     """(top-1 accuracy, mean cross-entropy) of ``model`` on the validation split."""
     model.eval()
@@ -205,6 +235,9 @@ def train_candidate(
                     seen += len(y)
                 train_seconds += time.perf_counter() - epoch_start
                 train_images += seen
+                steps_done = epoch * data.train_steps(fidelity.fraction, hp["batch_size"])
+                if (1 - BN_MOMENTUM) ** steps_done > BN_STALE_SHARE:  # fewer than 44 steps so far
+                    recalibrate_batchnorm(model, data, fidelity.fraction, fidelity.resolution)
                 accuracy, val_loss = validate(model, data, fidelity.resolution)
                 if not math.isfinite(val_loss):
                     raise CandidateFailure(f"non-finite validation loss after epoch {epoch}")

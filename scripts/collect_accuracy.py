@@ -4,7 +4,7 @@
     python scripts/collect_accuracy.py --space search_spaces/mnasnet.yaml --fit   # predictor quality only
 
 Run i trains a random point of the space (architecture and sampled optimizer, lr, batch size; see
-nas.surrogate.sample_point) with training seed i, at 2 epochs on half of the digits training split at
+nas.surrogate.sample_point) with training seed i, at 3 epochs on the whole digits training split at
 32x32 (every space, mobilenetv2.yaml included: its latency is still predicted at its own 224), and
 appends it to benchmarks/accuracy_runs/<space>.json. The file is rewritten after every run, so an
 interrupted collection resumes where it stopped when the same command is run again.

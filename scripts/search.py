@@ -30,8 +30,8 @@ def parse(argv: list[str] | None) -> tuple[SearchConfig, str | None]:
     p.add_argument("--threads", type=int, default=D.threads, help="ONNX Runtime intra-op threads on the target")
     p.add_argument("--space", default=D.space, help="search-space YAML file")
     p.add_argument("--strategy", default=D.strategy, help="random, grid, evolution, nsga2, rl, tpe or gp")
-    p.add_argument("--strategy-options", default="{}", help="JSON object of strategy options, e.g. "
-                                                             "'{\"population_size\": 12}'")
+    p.add_argument("--strategy-options", default=None, help="JSON object of strategy options, e.g. "
+                   "'{\"population_size\": 12}' (default for evolution: population 8, tournament 3)")
     p.add_argument("--trials", type=int, default=D.trials, help="candidates to train")
     p.add_argument("--time-budget", type=float, default=D.time_budget, help="seconds of search (optional)")
     p.add_argument("--objectives", default=D.objectives, choices=["pareto", "reward"],
@@ -62,11 +62,11 @@ def parse(argv: list[str] | None) -> tuple[SearchConfig, str | None]:
     p.add_argument("--seed", type=int, default=D.seed)
     a = p.parse_args(argv)
     try:
-        options = json.loads(a.strategy_options)
+        options = None if a.strategy_options is None else json.loads(a.strategy_options)
         baselines = tuple(float(w) for w in a.baselines.split(",") if w)
     except (json.JSONDecodeError, ValueError) as exc:
         raise NasError(f"--strategy-options / --baselines: cannot parse ({exc})") from None
-    if not isinstance(options, dict):
+    if options is not None and not isinstance(options, dict):
         raise NasError("--strategy-options must be a JSON object")
     config = SearchConfig(
         space=a.space, strategy=a.strategy, strategy_options=options, trials=a.trials, time_budget=a.time_budget,

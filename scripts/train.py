@@ -56,14 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     fidelity = Fidelity(args.epochs, args.fraction, args.resolution)
     hparams = resolve_hparams({"optimizer": args.optimizer, "lr": args.lr, "batch_size": args.batch_size})
     from nas.data import load_dataset  # torch import deferred until the arguments are valid
+    from nas.latency import training_lock
     from nas.train import train_candidate
 
     data = load_dataset(args.data, seed=args.seed)
     print(f"training {arch.to_string()}\n  on {data.name} ({len(data.train)} train, {len(data.val)} val images), "
           f"{fidelity.epochs} epochs x {fidelity.fraction:g} of the data at {fidelity.resolution}px, "
           f"{hparams['optimizer']} lr {hparams['lr']:g} batch {hparams['batch_size']}", flush=True)
-    result = train_candidate(arch, hparams, fidelity, data, seed=args.seed, threads=args.threads,
-                             on_epoch=print_epoch(fidelity.epochs))
+    with training_lock():  # no nas latency measurement runs meanwhile (it would measure our load)
+        result = train_candidate(arch, hparams, fidelity, data, seed=args.seed, threads=args.threads,
+                                 on_epoch=print_epoch(fidelity.epochs))
     if args.json:
         record = {"arch": arch.to_string(), "data": data.name, "fidelity": fidelity.to_dict(), "hparams": hparams,
                   "seed": args.seed, **result.to_dict()}

@@ -168,3 +168,28 @@ def test_train_script_exits_2_with_one_line_on_bad_input(args, message):
     proc = run_script("train.py", *args)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_batchnorm_statistics_are_recalibrated_from_the_current_weights(digits, tiny_arch):
+    from nas.builder import build_model
+
+    model = build_model(tiny_arch, 10).to(memory_format=torch.channels_last)
+    first = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    first.running_mean.fill_(100.0)  # stale statistics, as after a few training steps
+    inputs = []
+    first.register_forward_hook(lambda module, args, out: inputs.append(args[0].detach()))
+    train_module.recalibrate_batchnorm(model, digits, 1.0, 16)
+    seen = torch.cat(inputs)
+    assert len(seen) == train_module.BN_CALIBRATION_IMAGES and len(inputs) > 1  # in equal batches
+    assert torch.allclose(first.running_mean, seen.mean((0, 2, 3)), atol=1e-4)
+    assert first.momentum == 0.1
+
+
+def test_only_short_runs_recalibrate(digits, tiny_arch, monkeypatch):
+    calls = []
+    real = train_module.recalibrate_batchnorm
+    monkeypatch.setattr(train_module, "recalibrate_batchnorm", lambda *a: calls.append(a) or real(*a))
+    # 22 steps per epoch: after epoch 1, 0.9**22 = 10% of the running statistics are still their start
+    # values; after epoch 2, 0.9**44 < 1% and the running averages are kept
+    train_candidate(tiny_arch, HP, Fidelity(2, 0.5, 16), digits, threads=1)
+    assert digits.train_steps(0.5, 32) == 22 and len(calls) == 1
