@@ -17,7 +17,7 @@ from nas.surrogate import (COLLECT_FIDELITY, RUNS_DIR, AccuracyPredictor, Benchm
 from conftest import ROOT, SPACES
 
 BENCHED = ("mnasnet", "mobilenetv2")
-MIN_SHIPPED_RUNS = 20
+MIN_SHIPPED_RUNS = 100
 
 
 def _script_main(name):
