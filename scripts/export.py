@@ -24,9 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("arch", help="run folder, best.json, reference name or architecture string")
     parser.add_argument("--out", required=True, help="ONNX file to write")
     parser.add_argument("--epochs", type=int, default=8, help="training epochs when there are no trained weights")
-    parser.add_argument("--data", default="digits", help="digits, cifar10:PATH or imagefolder:PATH")
+    parser.add_argument("--data", help="digits, cifar10:PATH or imagefolder:PATH (default: the run's, else digits)")
     parser.add_argument("--resolution", type=int, help="input resolution (default: the architecture's)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, help="data split and training seed (default: the run's, else 0)")
     parser.add_argument("--opset", type=int, default=17)
     args = parser.parse_args(argv)
     source = Path(args.arch)
@@ -39,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
         arch = arch.with_resolution(args.resolution)
     hparams = json.loads(source.read_text()).get("hparams") if source.suffix == ".json" and source.is_file() else None
     weights = source.with_name("weights.pt") if source.suffix == ".json" else None
+    # a run's weights are scored on the run's own validation split: same data, same split seed
+    run_config = source.with_name("config.json") if source.suffix == ".json" else None
+    ran = json.loads(run_config.read_text()) if run_config is not None and run_config.is_file() else {}
+    data_spec = args.data or ran.get("data", "digits")
+    seed = args.seed if args.seed is not None else ran.get("seed", 0)
 
     import onnxruntime as ort
     import torch
@@ -49,15 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     from nas.fidelity import Fidelity
     from nas.train import evaluate, train_candidate
 
-    data = load_dataset(args.data, seed=args.seed)
+    data = load_dataset(data_spec, seed=seed)
     if weights is not None and weights.is_file() and not args.resolution:
         model = build_model(arch, data.num_classes).eval()
         model.load_state_dict(torch.load(weights, weights_only=True))
         print(f"using trained weights from {weights}", file=sys.stderr)
     else:
-        print(f"training for {args.epochs} epochs on {args.data} at {arch.resolution}px", file=sys.stderr)
+        print(f"training for {args.epochs} epochs on {data_spec} at {arch.resolution}px", file=sys.stderr)
         result = train_candidate(arch, hparams or None, Fidelity(args.epochs, 1.0, arch.resolution), data,
-                                 seed=args.seed, return_model=True)
+                                 seed=seed, return_model=True)
         if result.failed:
             raise NasError(f"training failed: {result.error}")
         model = result.model
