@@ -1,13 +1,25 @@
-"""Shared pieces of the command-line front ends: reading an ARCH argument."""
+"""Shared pieces of the command-line front ends: the argument parser and reading an ARCH argument."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 from nas.arch import Arch
 from nas.errors import NasError
 from nas.references import REFERENCES, reference
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one line and exit status 2 for a bad option, like every other bad input."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(**kwargs)
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def parse_arch_argument(text: str) -> Arch:

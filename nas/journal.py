@@ -1,8 +1,9 @@
 """The run folder's append-only journal: nothing finished is ever lost, and a rerun resumes.
 
 ``journal.jsonl`` records every event in order (``ask`` with its params, ``round`` with the candidates
-trained together, ``rung`` results of a candidate at one fidelity, ``tell`` with the finished trial); ``trials.jsonl`` holds one JSON object
-per finished trial for people and tools. Each line is flushed and fsync'ed before the loop goes on,
+trained together, ``rung`` results of a candidate at one fidelity, ``tell`` with the finished trial,
+``clock`` with the seconds searched so far); ``trials.jsonl`` holds one JSON object per finished trial
+for people and tools. Each line is flushed and fsync'ed before the loop goes on,
 so a crash, kill -9 or Ctrl-C loses at most the evaluation in progress; a torn last line is ignored.
 """
 
@@ -81,6 +82,10 @@ class Journal:
 
     def rung(self, number: int, rung: int, result: dict[str, Any]) -> None:
         _append(self.events_path, {"event": "rung", "number": number, "rung": rung, "result": result})
+
+    def clock(self, elapsed: float) -> None:
+        """Seconds of search so far, over every session of this run: a time budget spans resumes."""
+        _append(self.events_path, {"event": "clock", "elapsed": elapsed})
 
     def tell(self, trial: Trial, skipped: bool = False) -> None:
         """A finished trial; ``skipped`` (not trained: a duplicate or over a limit) stays out of trials.jsonl."""

@@ -94,6 +94,10 @@ class MainJob:
             raise NasError(f"{path}: table built at resolution {table.metadata['resolution']}, the search runs at "
                            f"{self.resolution}; build one with scripts/build_lut.py --resolution {self.resolution}")
         self.table_path = path
+        self.speed_ratio = table.check_machine_speed(self.target)  # nothing runs yet: a fair comparison
+        if self.speed_ratio is not None:
+            self.log(f"latency table {path}: this machine runs its reference block at {self.speed_ratio:.2f}x "
+                     "the table machine's time")
         return table
 
     def predictor(self, table) -> Callable[[Arch], float]:
@@ -252,6 +256,7 @@ class MainJob:
             "onnxruntime": onnxruntime.__version__, "cpu": cpu_model(), "platform": platform.platform(),
             "latency_table": str(self.table_path),
             "latency_table_sha256": hashlib.sha256(self.table_path.read_bytes()).hexdigest(),
+            "latency_table_speed_ratio": self.speed_ratio,
             "target": self.target.to_dict(), "wall_seconds": time.monotonic() - self.started,
         }
 

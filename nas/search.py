@@ -102,6 +102,7 @@ class Search:
         self.started = time.monotonic()
         self.rejects = 0
         self.resumed = 0  # trials finished before this session (for the ETA)
+        self.spent_before = 0.0  # seconds searched by earlier sessions of this run (from the journal)
 
     # --- cheap, pre-training measurements -----------------------------------------------------
     def static_metrics(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -129,6 +130,8 @@ class Search:
                 self.next_number = event["number"] + 1
             elif event["event"] == "round":
                 open_round = event["numbers"]
+            elif event["event"] == "clock":
+                self.spent_before = event["elapsed"]
             else:
                 trial = Trial.from_dict(event["trial"])
                 self.strategy.tell(trial)
@@ -247,6 +250,8 @@ class Search:
         finished = len(self.trials)
         elapsed = time.monotonic() - self.started
         eta = elapsed / max(1, finished - self.resumed) * max(0, s.trials - finished)
+        if s.time_budget is not None:  # no new round starts after the budget: it bounds the wait too
+            eta = min(eta, max(0.0, s.time_budget - self.searched()))
         acc = trial.metrics.get("accuracy")
         values = ", ".join(f"{name}={v:.4g}" for name, v in zip(s.objective.names, trial.values or ()))
         self.log(f"[{finished}/{s.trials}] trial {trial.number} {trial.state:8} acc="
@@ -255,6 +260,10 @@ class Search:
                  f"{trial.error or ''}| elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min")
 
     # --- the whole search ----------------------------------------------------------------------
+    def searched(self) -> float:
+        """Seconds of search in this run, earlier sessions included (what ``time_budget`` bounds)."""
+        return self.spent_before + time.monotonic() - self.started
+
     def run(self) -> list[Trial]:
         s = self.settings
         unfinished, told, done = self._replay()
@@ -263,8 +272,9 @@ class Search:
         try:
             if unfinished:
                 self._round(unfinished, done, executor, told)
+                self.journal.clock(self.searched())
             while len(self.trials) < s.trials:
-                if s.time_budget is not None and time.monotonic() - self.started > s.time_budget:
+                if s.time_budget is not None and self.searched() > s.time_budget:
                     self.log(f"time budget of {s.time_budget:.0f}s reached after {len(self.trials)} trials")
                     break
                 batch = []
@@ -278,6 +288,7 @@ class Search:
                     break
                 self.journal.round([n for n, _ in batch])
                 self._round(batch, done, executor)
+                self.journal.clock(self.searched())
         finally:
             executor.close()
         return self.trials

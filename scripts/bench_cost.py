@@ -8,7 +8,6 @@ count exactly, and the analytic model's speed in architectures per second (decod
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -20,6 +19,7 @@ from fvcore.nn import FlopCountAnalysis
 
 from nas.builder import build_model
 from nas.cost import arch_cost, clear_cost_caches
+from nas.cli import ArgumentParser
 from nas.errors import exit_on_user_error
 from nas.space import load_space
 
@@ -58,7 +58,7 @@ def speed(space, n: int, seed: int) -> tuple[float, float]:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=200, help="random architectures per space checked against fvcore")
     parser.add_argument("--speed-n", type=int, default=20000, help="architectures per space for the speed figure")
     parser.add_argument("--seed", type=int, default=0)

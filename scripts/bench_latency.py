@@ -17,6 +17,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from nas.cli import ArgumentParser
 from nas.errors import exit_on_user_error
 from nas.latency.table import LatencyTable, default_table_path
 from nas.latency.targets import cpu_model, get_target
@@ -25,7 +26,7 @@ from nas.space import load_space
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--target", default="cpu", help="execution provider (default cpu)")
     p.add_argument("--spaces", nargs="+", required=True, help="search-space YAML files")
     p.add_argument("--threads", type=int, nargs="+", default=[1], help="thread counts (one table each)")
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             target = get_target(args.target, threads, args.batch)
             path = default_table_path(space.name, space.resolution, target)
             table = LatencyTable.load(path, expect_target=target.name, expect_threads=threads, expect_batch=args.batch)
+            table.check_machine_speed(target)  # warns when the table comes from a faster or slower machine
             result = {"space": space.name, "threads": threads, "table": str(path),
                       "throughput": prediction_throughput(table, space, args.throughput_archs)}
             print(f"{path}: {result['throughput']['per_s']:,} architectures/s predicted")

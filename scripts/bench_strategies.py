@@ -19,7 +19,6 @@ analytic MFLOPs, for development only; without it a missing table is an error.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -27,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from nas.cli import ArgumentParser
 from nas.errors import NasError, exit_on_user_error
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,7 +154,7 @@ def check_bars(report: dict) -> list[tuple[str, bool | None, str]]:
 def main(argv: list[str] | None = None) -> int:
     from nas.strategies import STRATEGIES
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--json", type=Path, help="write {space: {strategy: figures}} plus a 'meta' entry to this file")
     p.add_argument("--seeds", type=int, default=5, help="seeds per strategy (default 5)")
     p.add_argument("--budget", type=int, default=300, help="evaluations per run (default 300)")

@@ -14,7 +14,6 @@ nas's training lock, so nas latency measurements wait, but other processes are n
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -22,6 +21,7 @@ import random
 import sys
 from pathlib import Path
 
+from nas.cli import ArgumentParser
 from nas.errors import NasError, exit_on_user_error
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +43,7 @@ SECTIONS = ("bar", "throughput", "ranking")
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--sections", default=",".join(SECTIONS),
                    help="comma-separated subset of bar,throughput,ranking (default all; the timings want an "
                         "idle machine, the ranking does not)")

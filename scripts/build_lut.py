@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 
+from nas.cli import ArgumentParser
 from nas.errors import exit_on_user_error
 from nas.latency.build import build_table, default_num_classes, estimate_build_seconds
 from nas.latency.measure import Protocol
@@ -20,7 +21,7 @@ from nas.space import load_space
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--target", default="cpu", help="execution provider: cpu, cuda, tensorrt, openvino, coreml, dml, ...")
     p.add_argument("--space", required=True, help="search-space YAML file")
     p.add_argument("--out", help="table file (default latency_tables/<space>-r<res>-<target>-t<threads>-b<batch>.json)")

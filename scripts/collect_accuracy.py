@@ -12,11 +12,11 @@ interrupted collection resumes where it stopped when the same command is run aga
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
+from nas.cli import ArgumentParser
 from nas.errors import NasError, exit_on_user_error
 
 
@@ -24,7 +24,7 @@ from nas.errors import NasError, exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     from nas.surrogate import COLLECT_FIDELITY as F
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--space", type=Path, required=True, help="search-space YAML file")
     p.add_argument("--n", type=int, default=300, help="runs the file should hold when done (default 300)")
     p.add_argument("--max-minutes", type=float, help="stop starting new runs after this many minutes")

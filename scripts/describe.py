@@ -6,12 +6,11 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
 
-from nas.cli import parse_arch_argument
+from nas.cli import ArgumentParser, parse_arch_argument
 from nas.cost import arch_cost
 from nas.errors import NasError, exit_on_user_error
 from nas.space import load_space
@@ -28,7 +27,7 @@ def describe(arch, num_classes: int, table=None) -> dict:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("arch", nargs="?", help="reference name, canonical architecture string or JSON file")
     parser.add_argument("--space", help="search-space YAML file to sample from")
     parser.add_argument("--sample", type=int, default=0, help="number of architectures to sample from --space")

@@ -9,18 +9,17 @@ weights.pt beside it is used when present). Prints one JSON object: parity, accu
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-from nas.cli import parse_arch_argument
+from nas.cli import ArgumentParser, parse_arch_argument
 from nas.errors import NasError, exit_on_user_error
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("arch", help="run folder, best.json, reference name or architecture string")
     parser.add_argument("--out", required=True, help="ONNX file to write")
     parser.add_argument("--epochs", type=int, default=8, help="training epochs when there are no trained weights")
@@ -57,7 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     data = load_dataset(data_spec, seed=seed)
     if weights is not None and weights.is_file() and not args.resolution:
         model = build_model(arch, data.num_classes).eval()
-        model.load_state_dict(torch.load(weights, weights_only=True))
+        try:
+            model.load_state_dict(torch.load(weights, weights_only=True))
+        except (RuntimeError, EOFError, ValueError) as exc:  # other classes than the run's data, or a torn file
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise NasError(f"{weights}: does not fit {arch.to_string()} with {data.num_classes} classes ({first}); "
+                           "pass the run's --data, or an architecture string to train afresh") from None
         print(f"using trained weights from {weights}", file=sys.stderr)
     else:
         print(f"training for {args.epochs} epochs on {data_spec} at {arch.resolution}px", file=sys.stderr)

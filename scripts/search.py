@@ -13,18 +13,15 @@ import json
 import sys
 
 from nas.config import SearchConfig
+from nas.cli import ArgumentParser
 from nas.errors import NasError, exit_on_user_error
 
 D = SearchConfig()
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line and exit status 2, like every other bad input
-        self.exit(2, f"error: {message} (see --help)\n")
-
 
 def parse(argv: list[str] | None) -> tuple[SearchConfig, str | None]:
-    p = _Parser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--target", default=D.target, help="where latency counts: cpu, or an ONNX Runtime provider "
                                                        "target such as cuda or openvino")
     p.add_argument("--threads", type=int, default=D.threads, help="ONNX Runtime intra-op threads on the target")

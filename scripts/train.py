@@ -10,22 +10,17 @@ the candidate itself fails (e.g. a diverging loss), 2 on bad input.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-from nas.cli import parse_arch_argument
+from nas.cli import ArgumentParser, parse_arch_argument
 from nas.errors import exit_on_user_error
 from nas.fidelity import Fidelity
 from nas.train import DEFAULT_FIDELITY, DEFAULT_HPARAMS, OPTIMIZERS, EpochStats, resolve_hparams
 
 F, H = DEFAULT_FIDELITY, DEFAULT_HPARAMS
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line and exit status 2, like every other bad input
-        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def print_epoch(epochs: int):
@@ -38,7 +33,7 @@ def print_epoch(epochs: int):
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("arch", help="reference name, canonical architecture string or JSON file")
     p.add_argument("--data", default="digits", help="digits | cifar10:PATH | imagefolder:PATH (default digits)")
     p.add_argument("--epochs", type=int, default=F.epochs, help=f"default {F.epochs}")

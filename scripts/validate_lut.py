@@ -12,6 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
+from nas.cli import ArgumentParser
 from nas.errors import exit_on_user_error
 from nas.latency.table import LatencyTable, default_table_path
 from nas.latency.targets import get_target
@@ -20,7 +21,7 @@ from nas.space import load_space
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--target", default="cpu", help="execution provider: cpu, cuda, tensorrt, openvino, coreml, dml, ...")
     p.add_argument("--space", required=True, help="search-space YAML file")
     p.add_argument("--table", help="latency table (default: the build_lut.py default name for these settings)")
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     space = load_space(args.space)
     path = args.table or default_table_path(space.name, args.resolution or space.resolution, target)
     table = LatencyTable.load(path, expect_target=target.name, expect_threads=target.threads, expect_batch=target.batch)
+    table.check_machine_speed(target)  # warns when the table comes from a faster or slower machine
     report = validate_table(table, space, target, args.n, args.seed, progress=not args.quiet)
     print(format_summary(report))
     if args.json:

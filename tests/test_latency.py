@@ -266,6 +266,20 @@ def test_load_warns_on_other_conditions(micro_table, tmp_path):
     assert any("threads is 4, this run 1" in m for m in messages)
 
 
+def test_table_from_a_machine_of_another_speed_warns(micro_table):
+    """A VM may report the same CPU model on hosts of different speeds: the reference block tells."""
+    target = get_target("cpu")
+    here = BusyMonitor(target, Protocol()).reference_ms
+    for factor in (10.0, 0.1):  # the table's machine 10x slower, then 10x faster
+        data = micro_table.to_dict()
+        data["metadata"]["reference_ms"] = here * factor
+        table = LatencyTable.from_dict(data, "other.json")
+        with pytest.warns(TableMismatchWarning, match=r"^other.json: this machine runs the reference block .* rebuild it"):
+            ratio = table.check_machine_speed(target)
+        assert 0.3 / factor < ratio < 3 / factor  # generous: the machine may be busy
+    assert table.check_machine_speed(get_target("cpu", threads=2)) is None  # a 1-thread table: nothing to compare
+
+
 def test_load_rejects_non_tables(tmp_path):
     with pytest.raises(NasError, match="no such latency table"):
         LatencyTable.load(tmp_path / "none.json")

@@ -75,6 +75,18 @@ def test_journal_holds_every_finished_trial_and_successive_halving_prunes(tmp_pa
     assert all(t.metrics["epochs"] == (2 if t.state == COMPLETE else 1) for t in trials)
 
 
+def test_time_budget_spans_resumed_sessions(tmp_path):
+    space = load_space(SPACES / "tiny.yaml")
+    quiet = dict(log=lambda _: None)
+    assert len(Search(space, settings(trials=2), tmp_path, flops_latency, **quiet).run()) == 2
+    spent = [e for e in read_jsonl(tmp_path / "journal.jsonl") if e["event"] == "clock"][-1]["elapsed"]
+    assert spent > 0
+    # the first session used the whole budget: rerunning the same command trains nothing new
+    assert len(Search(space, settings(trials=6, time_budget=spent * 0.99), tmp_path, flops_latency, **quiet).run()) == 2
+    # a larger budget continues the run
+    assert len(Search(space, settings(trials=6, time_budget=spent * 100), tmp_path, flops_latency, **quiet).run()) == 6
+
+
 @pytest.mark.parametrize("strategy,options", [("evolution", {"population_size": 4, "sample_size": 2}), ("rl", {})])
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, strategy, options):
     space = load_space(SPACES / "tiny.yaml")

@@ -164,7 +164,8 @@ class _Measurer:
         unstable = [name for name in names if not self.partial.done[kind][name].stable]
         if unstable:
             log.info("measuring %d unstable %s(s) once more", len(unstable), kind)
-            self.run(kind, unstable, model, len(unstable), f"unstable {kind}s again")
+            plural = {"entry": "entries", "calibration": "calibration networks"}.get(kind, kind + "s")
+            self.run(kind, unstable, model, len(unstable), f"unstable {plural} again")
 
 
 def _entry_dict(m: Measurement) -> dict[str, Any]:

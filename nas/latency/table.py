@@ -25,12 +25,13 @@ import onnxruntime as ort
 
 from nas.arch import Arch
 from nas.blocks import BlockSpec, HeadSpec, resolve_layer
-from nas.errors import NasError
+from nas.errors import NasError, NasWarning
 from nas.latency.targets import Target, cpu_model
 
 SCHEMA = 1
 TABLES_DIR = Path("latency_tables")
 CALIBRATION_MODELS = {"raw": 0, "linear": 2, "linear_blocks": 3}  # name -> number of coefficients
+SPEED_TOLERANCE = 0.25  # the reference block runs within 25% of the table's figure on the same, idle machine
 
 class MissingEntryError(NasError):
     """The table has no entry for a block: names the key and the table file."""
@@ -45,7 +46,7 @@ class MissingEntryError(NasError):
         )
 
 
-class TableMismatchWarning(UserWarning):
+class TableMismatchWarning(NasWarning):
     """The table was measured under other conditions than this machine or run: predictions may be off."""
 
 
@@ -176,6 +177,30 @@ class LatencyTable:
                 warnings.warn(f"{path}: table {field} is {meta.get(field)!r}, {whose} {here!r}; its predictions "
                               f"may be off (rebuild with scripts/build_lut.py)", TableMismatchWarning, stacklevel=2)
         return table
+
+    def check_machine_speed(self, target: Target, tolerance: float = SPEED_TOLERANCE) -> float | None:
+        """Time the protocol's reference block here and compare it with the table's machine; warn when
+        they differ by more than ``tolerance``. Returns this machine's time over the table's.
+
+        Virtual machines often report one CPU model ("AMD EPYC") for hosts of different speeds, so the
+        model name alone cannot tell that a table comes from elsewhere. Call it only when nothing else
+        runs (it measures), on the target the table was built for.
+        """
+        then = self.metadata.get("reference_ms")
+        if not then or self.metadata.get("target") != target.name or self.metadata.get("threads") != target.threads:
+            return None
+        from nas.latency.measure import BusyMonitor, Protocol  # torch and ONNX export only when checking
+
+        now = BusyMonitor(target, Protocol.from_dict(self.metadata.get("protocol", {}))).reference_ms
+        ratio = now / then
+        if not 1 / (1 + tolerance) <= ratio <= 1 + tolerance:
+            warnings.warn(
+                f"{self.source}: this machine runs the reference block in {now:.4f} ms, the table's machine in "
+                f"{then:.4f} ms ({ratio:.2f}x): the table was measured on another or differently loaded machine "
+                f"and its predictions may be off by about as much; rebuild it here with python scripts/build_lut.py "
+                f"--target {target.name} --threads {target.threads} --space {self.metadata.get('space_file', '<space.yaml>')} "
+                "--fresh", TableMismatchWarning, stacklevel=2)
+        return ratio
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<memory>") -> "LatencyTable":
