@@ -41,6 +41,7 @@ class SearchConfig:
     fraction: float = 1.0  # top rung share of the training data
     rungs: int = 2  # successive-halving rungs; each lower rung gets 1/eta of the budget
     eta: int = 3
+    scheduler: str = "halving"  # halving: successive halving from rung 0 each round | hyperband: cycle its brackets
     final_epochs: int | None = None  # the winner's and baselines' training; default: epochs
     baselines: tuple[float, ...] = (0.35, 0.5, 0.75, 1.0)  # MobileNetV2 width multipliers to compare with
     front_size: int = 8  # most Pareto points re-measured end to end
@@ -61,6 +62,7 @@ class SearchConfig:
             (0 < self.fraction <= 1, "--fraction", "in (0, 1]", self.fraction),
             (self.rungs >= 1, "--rungs", "at least 1", self.rungs),
             (self.eta >= 2, "--eta", "at least 2", self.eta),
+            (self.scheduler in ("halving", "hyperband"), "--scheduler", "halving or hyperband", self.scheduler),
             (self.workers >= 1, "--workers", "at least 1", self.workers),
             (self.threads >= 1, "--threads", "at least 1", self.threads),
             (self.front_size >= 1, "--front-size", "at least 1", self.front_size),

@@ -76,9 +76,9 @@ class Journal:
     def ask(self, number: int, params: dict[str, Any]) -> None:
         _append(self.events_path, {"event": "ask", "number": number, "params": params})
 
-    def round(self, numbers: list[int]) -> None:
+    def round(self, numbers: list[int], start_rung: int = 0) -> None:
         """The candidates of one successive-halving round (promotions compare them with each other)."""
-        _append(self.events_path, {"event": "round", "numbers": numbers})
+        _append(self.events_path, {"event": "round", "numbers": numbers, "start_rung": start_rung})
 
     def rung(self, number: int, rung: int, result: dict[str, Any]) -> None:
         _append(self.events_path, {"event": "rung", "number": number, "rung": rung, "result": result})

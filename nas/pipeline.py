@@ -134,7 +134,7 @@ class MainJob:
         settings = LoopSettings(
             strategy=c.strategy, strategy_options=dict(c.strategy_options), trials=c.trials,
             time_budget=c.time_budget, objective=objective, limits=limits, data=c.data, top=self.top,
-            rungs=c.rungs, eta=c.eta, num_classes=self.data.num_classes, workers=c.workers,
+            rungs=c.rungs, eta=c.eta, scheduler=c.scheduler, num_classes=self.data.num_classes, workers=c.workers,
             executor=c.executor, ray_address=c.ray_address, seed=c.seed,
         )
         return Search(self.space, settings, self.run_dir, predict, self.log).run()

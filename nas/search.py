@@ -1,8 +1,8 @@
 """The search loop: ask a strategy, train with successive halving, journal everything, resume on rerun.
 
-Each round asks the strategy for a batch of candidates, trains them at the lowest fidelity rung,
-promotes the top 1/eta (by the objective: reward, or Pareto rank for multi-objective searches) to the
-next rung, and so on; a candidate's trial is its result at the highest rung it reached (COMPLETE at the
+Each round asks the strategy for a batch of candidates, trains them at the lowest fidelity rung (or,
+with ``scheduler="hyperband"``, at the rung of the round's Hyperband bracket), promotes the top 1/eta
+(by the objective: reward, or Pareto rank for multi-objective searches) to the next rung, and so on; a candidate's trial is its result at the highest rung it reached (COMPLETE at the
 top rung, PRUNED below). Latency, FLOPs and parameters come from the latency table and the cost model
 before training, so hard limits reject a candidate without training it.
 
@@ -25,7 +25,7 @@ from nas.arch import Arch
 from nas.cost import arch_cost
 from nas.errors import NasError
 from nas.executor import TrainJob, make_executor, threads_per_worker
-from nas.fidelity import Fidelity, SuccessiveHalving, ladder, maximize
+from nas.fidelity import Bracket, Fidelity, Hyperband, SuccessiveHalving, ladder, maximize
 from nas.journal import Journal
 from nas.objectives import Limits, Objective
 from nas.pareto import crowding_distance, non_dominated_sort
@@ -50,6 +50,7 @@ class LoopSettings:
     top: Fidelity = Fidelity(epochs=8, fraction=1.0, resolution=32)  # the last rung's training
     rungs: int = 2
     eta: int = 3
+    scheduler: str = "halving"  # halving: every round starts at the lowest rung | hyperband: rounds cycle brackets
     num_classes: int = 10
     workers: int = 1
     executor: str = "local"
@@ -64,6 +65,18 @@ class LoopSettings:
     def batch_size(self) -> int:
         """Candidates per round: enough for successive halving to keep one per eta at each rung."""
         return max(self.workers, self.eta ** (self.rungs - 1))
+
+    def bracket(self, round_index: int) -> Bracket:
+        """Where round ``round_index`` starts and how many candidates it takes.
+
+        Successive halving starts every round at rung 0. Hyperband (Li et al., 2018) cycles through
+        its brackets, from many candidates at rung 0 to a few trained at the top rung directly, which
+        hedges against low fidelities that rank candidates badly.
+        """
+        if self.scheduler == "halving":
+            return Bracket(0, self.batch_size)
+        bracket = Hyperband(self.fidelities, self.eta).brackets()[round_index % self.rungs]
+        return Bracket(bracket.start_rung, max(self.workers, bracket.candidates))
 
 
 def rank_key(objective: Objective) -> Callable[[list[dict]], list[float]]:
@@ -103,6 +116,7 @@ class Search:
         self.rejects = 0
         self.resumed = 0  # trials finished before this session (for the ETA)
         self.spent_before = 0.0  # seconds searched by earlier sessions of this run (from the journal)
+        self.rounds = 0  # rounds started, earlier sessions included (Hyperband's bracket cycle)
 
     # --- cheap, pre-training measurements -----------------------------------------------------
     def static_metrics(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -113,13 +127,14 @@ class Search:
                 "latency_ms": latency, "predicted_latency_ms": latency}
 
     # --- resume --------------------------------------------------------------------------------
-    def _replay(self) -> tuple[list[tuple[int, dict]], set[int], dict[int, dict[int, dict]]]:
-        """Replay the journal into the strategy; return the round left open by a crash (its members,
-        those of them already told) and every journaled rung result."""
+    def _replay(self) -> tuple[list[tuple[int, dict]], int, set[int], dict[int, dict[int, dict]]]:
+        """Replay the journal into the strategy; return the round left open by a crash (its members
+        and start rung, those of them already told) and every journaled rung result."""
         replay = self.journal.replay()
         params: dict[int, dict[str, Any]] = {}
         told: set[int] = set()
         open_round: list[int] = []
+        start_rung = 0
         for event in replay.events:
             if event["event"] == "ask":
                 proposed = self.strategy.ask()
@@ -129,7 +144,8 @@ class Search:
                 params[event["number"]] = event["params"]
                 self.next_number = event["number"] + 1
             elif event["event"] == "round":
-                open_round = event["numbers"]
+                open_round, start_rung = event["numbers"], event.get("start_rung", 0)
+                self.rounds += 1
             elif event["event"] == "clock":
                 self.spent_before = event["elapsed"]
             else:
@@ -141,11 +157,12 @@ class Search:
         if open_round and all(n in told for n in open_round):
             open_round = []
         if not open_round:  # crashed while collecting a round: its asks never reached training
-            open_round = untold
+            open_round, start_rung = untold, self.settings.bracket(self.rounds).start_rung
+            self.rounds += bool(untold)
         if self.trials or open_round:
             self.log(f"resuming {self.journal.folder}: {len(self.trials)} finished trials, "
                      f"{sum(n not in told for n in open_round)} unfinished to retry")
-        return [(n, params[n]) for n in open_round], told, replay.rungs
+        return [(n, params[n]) for n in open_round], start_rung, told, replay.rungs
 
     # --- one round ------------------------------------------------------------------------------
     def _ask(self) -> tuple[int, dict[str, Any]] | None:
@@ -191,15 +208,16 @@ class Search:
             self.trials.append(trial)
         self.by_key.setdefault(self.space.candidate_key(trial.params), trial)
 
-    def _round(self, batch: list[tuple[int, dict]], done: dict[int, dict[int, dict]], executor,
+    def _round(self, batch: list[tuple[int, dict]], start_rung: int, done: dict[int, dict[int, dict]], executor,
                told: set[int] = frozenset()) -> None:
-        """Successive halving over one batch; rung results already journaled are reused and trials
-        already told (before a crash) are not told again."""
+        """Successive halving over one batch from ``start_rung`` up; rung results already journaled
+        are reused and trials already told (before a crash) are not told again."""
         statics = {n: self.static_metrics(p) for n, p in batch}
         params = dict(batch)
         survivors = [n for n, _ in batch]
         best: dict[int, tuple[int, dict]] = {}
-        for rung, fidelity in enumerate(self.halving.rungs):
+        for rung in range(start_rung, len(self.halving.rungs)):
+            fidelity = self.halving.rungs[rung]
             jobs = [self._job(n, params[n], rung, fidelity, statics[n]) for n in survivors
                     if rung not in done.get(n, {})]
 
@@ -266,19 +284,20 @@ class Search:
 
     def run(self) -> list[Trial]:
         s = self.settings
-        unfinished, told, done = self._replay()
+        unfinished, start_rung, told, done = self._replay()
         self.resumed = len(self.trials)
         executor = make_executor(s.executor, s.workers, threads_per_worker(s.workers), s.ray_address)
         try:
             if unfinished:
-                self._round(unfinished, done, executor, told)
+                self._round(unfinished, start_rung, done, executor, told)
                 self.journal.clock(self.searched())
             while len(self.trials) < s.trials:
                 if s.time_budget is not None and self.searched() > s.time_budget:
                     self.log(f"time budget of {s.time_budget:.0f}s reached after {len(self.trials)} trials")
                     break
+                bracket = s.bracket(self.rounds)
                 batch = []
-                while len(batch) < min(s.batch_size, s.trials - len(self.trials)):
+                while len(batch) < min(bracket.candidates, s.trials - len(self.trials)):
                     item = self._ask()
                     if item is None:
                         break
@@ -286,8 +305,9 @@ class Search:
                 if not batch:
                     self.log("the strategy has no candidates left")
                     break
-                self.journal.round([n for n, _ in batch])
-                self._round(batch, done, executor)
+                self.journal.round([n for n, _ in batch], bracket.start_rung)
+                self.rounds += 1
+                self._round(batch, bracket.start_rung, done, executor)
                 self.journal.clock(self.searched())
         finally:
             executor.close()

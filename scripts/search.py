@@ -46,6 +46,9 @@ def parse(argv: list[str] | None) -> tuple[SearchConfig, str | None]:
     p.add_argument("--fraction", type=float, default=D.fraction, help="top-rung share of the training data")
     p.add_argument("--rungs", type=int, default=D.rungs, help="successive-halving rungs")
     p.add_argument("--eta", type=int, default=D.eta, help="successive-halving reduction factor")
+    p.add_argument("--scheduler", default=D.scheduler, choices=["halving", "hyperband"],
+                   help="multi-fidelity schedule: successive halving from the lowest rung every round, or "
+                        "Hyperband's brackets in turn (some rounds start higher, with fewer candidates)")
     p.add_argument("--final-epochs", type=int, default=D.final_epochs, help="the winner's final training "
                                                                              "(default: --epochs)")
     p.add_argument("--baselines", default=",".join(f"{w:g}" for w in D.baselines),
@@ -70,6 +73,7 @@ def parse(argv: list[str] | None) -> tuple[SearchConfig, str | None]:
         objectives=a.objectives, reward=a.reward, latency_target_ms=a.latency_target_ms,
         latency_limit_ms=a.latency_limit_ms, flops_limit=a.flops_limit, params_limit=a.params_limit,
         data=a.data, resolution=a.resolution, epochs=a.epochs, fraction=a.fraction, rungs=a.rungs, eta=a.eta,
+        scheduler=a.scheduler,
         final_epochs=a.final_epochs, baselines=baselines, front_size=a.front_size, workers=a.workers,
         executor=a.executor, ray_address=a.ray_address, target=a.target, threads=a.threads, table=a.table,
         seed=a.seed,

@@ -87,10 +87,32 @@ def test_time_budget_spans_resumed_sessions(tmp_path):
     assert len(Search(space, settings(trials=6, time_budget=spent * 100), tmp_path, flops_latency, **quiet).run()) == 6
 
 
-@pytest.mark.parametrize("strategy,options", [("evolution", {"population_size": 4, "sample_size": 2}), ("rl", {})])
-def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, strategy, options):
+def test_hyperband_rounds_cycle_its_brackets(tmp_path):
     space = load_space(SPACES / "tiny.yaml")
-    config = settings(strategy=strategy, strategy_options=options)
+    # rungs 2, eta 2: bracket 0 starts 2 candidates at rung 0 (one promoted), bracket 1 trains 2 at the top
+    trials = Search(space, settings(scheduler="hyperband"), tmp_path, flops_latency, log=lambda _: None).run()
+    events = read_jsonl(tmp_path / "journal.jsonl")
+    rounds = [(e["numbers"], e["start_rung"]) for e in events if e["event"] == "round"]
+    assert [start for _, start in rounds] == [0, 1, 0] and all(len(numbers) == 2 for numbers, _ in rounds)
+    rungs = {}
+    for e in events:
+        if e["event"] == "rung":
+            rungs.setdefault(e["number"], []).append(e["rung"])
+    for numbers, start in rounds:
+        assert all(rungs[n][0] == start for n in numbers)  # nothing below the bracket's rung is trained
+    states = {t.number: t.state for t in trials}
+    assert [states[n] for n in rounds[1][0]] == [COMPLETE, COMPLETE]
+    assert sorted(states[n] for n in rounds[0][0]) == [COMPLETE, PRUNED]
+
+
+@pytest.mark.parametrize("strategy,options,scheduler", [
+    ("evolution", {"population_size": 4, "sample_size": 2}, "halving"),
+    ("rl", {}, "halving"),
+    ("evolution", {"population_size": 4, "sample_size": 2}, "hyperband"),  # interrupted in a top-rung bracket
+])
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, strategy, options, scheduler):
+    space = load_space(SPACES / "tiny.yaml")
+    config = settings(strategy=strategy, strategy_options=options, scheduler=scheduler)
     whole = tmp_path / "whole"
     Search(space, config, whole, flops_latency, log=lambda _: None).run()
     broken = tmp_path / "broken"
