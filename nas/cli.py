@@ -22,6 +22,15 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
+def add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    """--target, --space, --threads and --batch, as the latency scripts share them."""
+    parser.add_argument("--target", default="cpu", help="execution provider: cpu, cuda, tensorrt, openvino, coreml, "
+                                                       "dml, ...")
+    parser.add_argument("--space", required=True, help="search-space YAML file")
+    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
+    parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+
+
 def parse_arch_argument(text: str) -> Arch:
     """A reference name, a canonical architecture string, or a JSON file (an Arch, or {"arch": STRING})."""
     if text in REFERENCES:

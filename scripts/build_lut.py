@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 
-from nas.cli import ArgumentParser
+from nas.cli import ArgumentParser, add_target_arguments
 from nas.errors import exit_on_user_error
 from nas.latency.build import build_table, default_num_classes, estimate_build_seconds
 from nas.latency.measure import Protocol
@@ -22,12 +22,9 @@ from nas.space import load_space
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--target", default="cpu", help="execution provider: cpu, cuda, tensorrt, openvino, coreml, dml, ...")
-    p.add_argument("--space", required=True, help="search-space YAML file")
+    add_target_arguments(p)
     p.add_argument("--out", help="table file (default latency_tables/<space>-r<res>-<target>-t<threads>-b<batch>.json)")
     p.add_argument("--resolution", type=int, help="input resolution (default: the space's)")
-    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
-    p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     p.add_argument("--num-classes", type=int, help="classifier width (default 1000 at >= 224 px, else 10)")
     p.add_argument("--sessions", type=int, default=Protocol.sessions, help="measurement sessions per entry")
     p.add_argument("--calibration-archs", type=int, default=20, help="whole networks measured for calibration")

@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from nas.cli import ArgumentParser
+from nas.cli import ArgumentParser, add_target_arguments
 from nas.errors import exit_on_user_error
 from nas.latency.table import LatencyTable, default_table_path
 from nas.latency.targets import get_target
@@ -22,16 +22,14 @@ from nas.space import load_space
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--target", default="cpu", help="execution provider: cpu, cuda, tensorrt, openvino, coreml, dml, ...")
-    p.add_argument("--space", required=True, help="search-space YAML file")
+    add_target_arguments(p)
     p.add_argument("--table", help="latency table (default: the build_lut.py default name for these settings)")
     p.add_argument("--resolution", type=int, help="resolution of the default table name (default: the space's)")
-    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
-    p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     p.add_argument("--n", type=int, default=100, help="held-out networks to measure (default 100)")
     p.add_argument("--seed", type=int, default=1, help="random.Random seed of the networks (default 1)")
     p.add_argument("--json", help="write the summary and per-network rows here")
-    p.add_argument("--plot", help="write a predicted-vs-measured PNG here")
+    p.add_argument("--plot", help="predicted-vs-measured PNG (default: the --json file with .png, else "
+                                  "<table name>-validation.png here)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -49,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     print(format_summary(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
-    if args.plot:
-        plot_validation(report, args.plot)
+    plot = args.plot or (Path(args.json).with_suffix(".png") if args.json else f"{Path(path).stem}-validation.png")
+    plot_validation(report, plot)
+    print(f"wrote {plot}" + (f" and {args.json}" if args.json else ""))
     return 0
 
 

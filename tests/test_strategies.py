@@ -162,6 +162,21 @@ def test_learning_strategies_improve_on_their_start(name):
     assert sum(values[-20:]) / 20 > sum(values[:20]) / 20 + 0.3
 
 
+@pytest.mark.parametrize("name", ["evolution", "rl"])
+def test_beats_random_search_over_seeds(name):
+    """On mnasnet.yaml with the fixed objective, the best after 150 evaluations, averaged over five seeds."""
+    space = load_space(SPACES / "mnasnet.yaml")
+
+    def best(strategy_name, seed):
+        strategy = make_strategy(strategy_name, space, seed, **({"population_size": 20, "sample_size": 5}
+                                                               if strategy_name == "evolution" else {}))
+        return max(t.values[0] for event, t in run(strategy, space, n=150, seed=seed) if event == "tell")
+
+    ours = [best(name, seed) for seed in range(5)]
+    theirs = [best("random", seed) for seed in range(5)]
+    assert sum(ours) / 5 > sum(theirs) / 5 + 0.1, (ours, theirs)
+
+
 def test_gp_model_asks_replay():
     """The Gaussian process proper (two model-based asks after four random ones) replays exactly."""
     space = load_space(SPACES / "tiny.yaml")
