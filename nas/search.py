@@ -2,8 +2,9 @@
 
 Each round asks the strategy for a batch of candidates, trains them at the lowest fidelity rung (or,
 with ``scheduler="hyperband"``, at the rung of the round's Hyperband bracket), promotes the top 1/eta
-(by the objective: reward, or Pareto rank for multi-objective searches) to the next rung, and so on; a candidate's trial is its result at the highest rung it reached (COMPLETE at the
-top rung, PRUNED below). Latency, FLOPs and parameters come from the latency table and the cost model
+(by the objective: reward, or Pareto rank for multi-objective searches) to the next rung, and so on;
+a candidate's trial is its result at the highest rung it reached (COMPLETE at the top rung, PRUNED
+below). Latency, FLOPs and parameters come from the latency table and the cost model
 before training, so hard limits reject a candidate without training it.
 
 Resume: the strategy is rebuilt with the same seed and the journal's asks and tells are replayed in
