@@ -13,7 +13,7 @@ import sys
 
 from nas.cli import ArgumentParser, add_target_arguments
 from nas.errors import exit_on_user_error
-from nas.latency.build import build_table, default_num_classes, estimate_build_seconds
+from nas.latency.build import CALIBRATION_ARCHS, build_table, default_num_classes, estimate_build_seconds
 from nas.latency.measure import Protocol
 from nas.latency.table import default_table_path
 from nas.latency.targets import get_target
@@ -27,7 +27,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, help="input resolution (default: the space's)")
     p.add_argument("--num-classes", type=int, help="classifier width (default 1000 at >= 224 px, else 10)")
     p.add_argument("--sessions", type=int, default=Protocol.sessions, help="measurement sessions per entry")
-    p.add_argument("--calibration-archs", type=int, default=20, help="whole networks measured for calibration")
+    p.add_argument("--calibration-archs", type=int, default=CALIBRATION_ARCHS,
+                   help=f"whole networks measured for calibration (default {CALIBRATION_ARCHS})")
     p.add_argument("--calibration-seed", type=int, default=0, help="random.Random seed of those networks")
     p.add_argument("--fresh", action="store_true", help="discard an unfinished build or an existing table")
     p.add_argument("--estimate", type=int, metavar="N", help="only time N random entries and project the build time")
@@ -58,8 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ninterrupted: progress is kept in {out}.partial; run the same command to resume", file=sys.stderr)
         return 130
     cal = table.calibration
-    fit = f"calibration {cal.model} {list(map(lambda c: round(c, 5), cal.coef))}, leave-one-out error " \
-          f"{cal.loo_mape[cal.model]:.2f}%" if cal else "no calibration"
+    streaming = f" (cache {cal.cache_mb} MB, {cal.bandwidth_gbs} GB/s)" if cal and cal.cache_mb is not None else ""
+    fit = f"calibration {cal.name}{streaming} {[round(c, 5) for c in cal.coef]}, leave-one-out error " \
+          f"{cal.loo_mape[cal.name]:.2f}%" if cal else "no calibration"
     print(f"wrote {out}: {len(table.entries)} entries, {fit}")
     return 0
 

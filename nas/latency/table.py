@@ -5,15 +5,26 @@ entry per ``BlockSpec.key`` / ``HeadSpec.key`` (median, p10, p90, run count, ses
 calibration fitted on whole networks measured end to end. Keys are readable shapes, so a missing one
 says exactly which block the table lacks (``MissingEntryError``), never a silent default.
 
-Prediction is ``calibration(sum of entries, number of lookups)``. A block measured alone pays a
-per-call overhead and runs with warm caches, so raw sums drift from whole-network latency by a roughly
-fixed amount per block; the calibration (raw sum, ``a*sum + b`` or ``a*sum + b*lookups + c``) is the
-candidate with the lowest leave-one-out error on the calibration networks.
+Prediction is a calibration of the sum of entries, fitted on whole networks measured end to end,
+because a block timed alone differs from the same block inside a network in three ways:
+
+- it pays ONNX Runtime's per-call overhead (~2 us here), once per lookup: a ``lookups`` term;
+- a squeeze-excite block's small operators cost about 1 us more in a network than alone: a
+  ``se_blocks`` term (on mnasnet.yaml at 32 px it cut the networks off by more than 5% from 28% to 16%);
+- its weights stay hot in cache, while a network whose weights outgrow the cache streams them from
+  memory on every inference: the ``streaming`` term (``NetworkTerms.block_sum``, bytes from
+  ``nas.latency.traffic``) raises each block to the time its share of missed weights takes to read.
+
+The candidates (raw sum, ``a*sum + b``, ``+ c*lookups``, ``+ d*se_blocks``, each with and without
+streaming over a grid of cache sizes and bandwidths) are compared by leave-one-out error on the
+calibration networks; the lowest wins, ties going to the simpler.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -24,9 +35,10 @@ import numpy as np
 import onnxruntime as ort
 
 from nas.arch import Arch
-from nas.blocks import BlockSpec, HeadSpec, resolve_layer
+from nas.blocks import BlockSpec, HeadSpec, resolve, resolve_layer
 from nas.errors import NasError, NasWarning
 from nas.latency.targets import Target, cpu_model
+from nas.latency.traffic import head_weight_bytes, weight_bytes
 
 SCHEMA = 1
 TABLES_DIR = Path("latency_tables")
@@ -60,76 +72,146 @@ def default_table_path(space_name: str, resolution: int, target: Target) -> Path
 
 # --- calibration --------------------------------------------------------------------------------
 
+# model name -> the terms besides the sum of entries it fits a coefficient to ("raw" fits nothing)
+CALIBRATION_MODELS: dict[str, tuple[str, ...]] = {
+    "raw": (), "linear": ("one",), "linear_blocks": ("lookups", "one"),
+    "linear_blocks_se": ("lookups", "se_blocks", "one"),
+}
+# the weight cache and memory bandwidth that the streaming term is fitted over (None: no term)
+CACHE_GRID_MB: tuple[float | None, ...] = (None, 4, 8, 12, 16, 24, 32)
+BANDWIDTH_GRID_GBS = (10, 15, 20, 30, 40, 60)
 
-def _design(model: str, raw: np.ndarray, lookups: np.ndarray) -> np.ndarray:
-    if model == "linear":
-        return np.stack([raw, np.ones_like(raw)], axis=1)
-    return np.stack([raw, lookups, np.ones_like(raw)], axis=1)
+
+@dataclass(frozen=True)
+class NetworkTerms:
+    """What the calibration sees of one network: each lookup's entry and weight bytes, and its SE blocks."""
+
+    ms: tuple[float, ...]
+    weight_bytes: tuple[int, ...]
+    se_blocks: int
+
+    @property
+    def lookups(self) -> int:
+        return len(self.ms)
+
+    @property
+    def raw_ms(self) -> float:
+        return sum(self.ms)
+
+    def block_sum(self, cache_mb: float | None, bandwidth_gbs: float | None) -> float:
+        """The sum of entries, each raised to the time its weights take to stream from memory.
+
+        Weights cycle through the cache once per inference, so with random replacement a share
+        ``1 - cache / total`` of them misses; a block cannot run faster than it can read those.
+        """
+        total_mb = sum(self.weight_bytes) / 1e6
+        if cache_mb is None or total_mb <= cache_mb:
+            return self.raw_ms
+        ms_per_byte = (1 - cache_mb / total_mb) / (bandwidth_gbs * 1e6)
+        return sum(max(ms, nbytes * ms_per_byte) for ms, nbytes in zip(self.ms, self.weight_bytes))
 
 
-def _fit(model: str, raw: np.ndarray, lookups: np.ndarray, measured: np.ndarray) -> np.ndarray:
+def _design(model: str, sums: np.ndarray, terms: list[NetworkTerms]) -> np.ndarray:
+    columns = {"lookups": [t.lookups for t in terms], "se_blocks": [t.se_blocks for t in terms],
+               "one": [1.0] * len(terms)}
+    return np.column_stack([sums, *(np.asarray(columns[name], dtype=float) for name in CALIBRATION_MODELS[model])])
+
+
+def _fit(design: np.ndarray, measured: np.ndarray) -> np.ndarray:
     """Least squares on relative error (networks differ several-fold in latency; errors are judged in %)."""
-    x = _design(model, raw, lookups) / measured[:, None]
-    coef, *_ = np.linalg.lstsq(x, np.ones_like(measured), rcond=None)
+    coef, *_ = np.linalg.lstsq(design / measured[:, None], np.ones_like(measured), rcond=None)
     return coef
 
 
-def _apply(model: str, coef: Iterable[float], raw: float, lookups: float) -> float:
-    c = tuple(coef)
-    if model == "raw":
-        return raw
-    if model == "linear":
-        return c[0] * raw + c[1]
-    return c[0] * raw + c[1] * lookups + c[2]
+def _loo_mape(design: np.ndarray, measured: np.ndarray) -> float:
+    errors = []
+    for i in range(len(measured)):
+        keep = np.arange(len(measured)) != i
+        errors.append(abs(design[i] @ _fit(design[keep], measured[keep]) - measured[i]) / measured[i])
+    return float(np.mean(errors) * 100)
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """Maps (raw sum, lookups) to predicted ms; keeps the networks and residuals it was fitted on."""
+    """Maps a network's terms to predicted ms; keeps the networks and residuals it was fitted on.
 
-    model: str  # raw | linear | linear_blocks
+    ``coef`` multiplies (block sum, then the model's terms in ``CALIBRATION_MODELS`` order); the
+    block sum streams weights beyond ``cache_mb`` at ``bandwidth_gbs`` when those are set.
+    """
+
+    model: str  # a key of CALIBRATION_MODELS
     coef: tuple[float, ...]
     seed: int  # the random.Random seed that sampled the calibration networks
-    loo_mape: dict[str, float]  # leave-one-out mean |error| in % of each candidate model
+    loo_mape: dict[str, float]  # leave-one-out mean |error| in % of each candidate (best cache setting)
     rows: tuple[dict[str, Any], ...]  # per network: arch, key, raw_ms, lookups, measured_ms, predicted_ms, error_pct
+    cache_mb: float | None = None
+    bandwidth_gbs: float | None = None
 
-    def apply(self, raw: float, lookups: int) -> float:
-        return _apply(self.model, self.coef, raw, lookups)
+    @property
+    def name(self) -> str:
+        """The chosen candidate, as ``loo_mape`` names it."""
+        return self.model + ("+streaming" if self.cache_mb is not None else "")
+
+    def streams(self, weight_bytes: int) -> bool:
+        """Whether a network with this many weight bytes gets the streaming term."""
+        return self.cache_mb is not None and weight_bytes > self.cache_mb * 1e6
+
+    def combine(self, block_sum: float, lookups: int, se_blocks: int) -> float:
+        if self.model == "raw":
+            return block_sum
+        values = {"lookups": lookups, "se_blocks": se_blocks, "one": 1.0}
+        return self.coef[0] * block_sum + sum(c * values[name] for c, name in zip(self.coef[1:], CALIBRATION_MODELS[self.model]))
+
+    def apply(self, terms: NetworkTerms) -> float:
+        return self.combine(terms.block_sum(self.cache_mb, self.bandwidth_gbs), terms.lookups, terms.se_blocks)
 
     @property
     def arch_keys(self) -> frozenset[str]:
         return frozenset(row["key"] for row in self.rows)
 
     @classmethod
-    def fit(cls, archs: list[Arch], raw: list[float], lookups: list[int], measured: list[float], seed: int) -> "Calibration":
-        raw, lookups, measured = [float(v) for v in raw], [int(v) for v in lookups], [float(v) for v in measured]
-        r, n, m = (np.asarray(v, dtype=float) for v in (raw, lookups, measured))
-        loo = {"raw": float(np.mean(np.abs(r - m) / m) * 100)}
-        for model, p in CALIBRATION_MODELS.items():
-            if p == 0 or len(m) < p + 2:  # leave-one-out needs a point beyond a determined fit
-                continue
-            errors = []
-            for i in range(len(m)):
-                keep = np.arange(len(m)) != i
-                coef = _fit(model, r[keep], n[keep], m[keep])
-                errors.append(abs(_apply(model, coef, r[i], n[i]) - m[i]) / m[i])
-            loo[model] = float(np.mean(errors) * 100)
-        best = min(loo, key=lambda k: (round(loo[k], 6), CALIBRATION_MODELS[k]))  # ties: fewer coefficients
-        coef = tuple(float(c) for c in _fit(best, r, n, m)) if best != "raw" else ()
+    def fit(cls, archs: list[Arch], terms: list[NetworkTerms], measured: list[float], seed: int) -> "Calibration":
+        """Each candidate model with and without the streaming term (over its grid); the lowest
+        leave-one-out error wins, ties going to fewer coefficients and then to no streaming."""
+        m = np.asarray(measured, dtype=float)
+        candidates = []  # (loo, coefficients, streaming, model, cache, bandwidth)
+        for cache in CACHE_GRID_MB:
+            for bandwidth in (BANDWIDTH_GRID_GBS if cache is not None else (None,)):
+                sums = np.array([t.block_sum(cache, bandwidth) for t in terms])
+                for model, names in CALIBRATION_MODELS.items():
+                    if model == "raw":
+                        if cache is None:
+                            candidates.append((float(np.mean(np.abs(sums - m) / m) * 100), 0, 0, model, None, None))
+                        continue
+                    if len(m) < len(names) + 3:  # leave-one-out needs a point beyond a determined fit
+                        continue
+                    loo = _loo_mape(_design(model, sums, terms), m)
+                    candidates.append((loo, len(names) + 1, cache is not None, model, cache, bandwidth))
+        loo_mape: dict[str, float] = {}
+        for loo, _, streaming, model, _, _ in candidates:
+            name = model + ("+streaming" if streaming else "")
+            loo_mape[name] = min(loo_mape.get(name, math.inf), loo)
+        _, _, _, model, cache, bandwidth = min(candidates, key=lambda c: (round(c[0], 6), c[1], c[2]))
+        sums = np.array([t.block_sum(cache, bandwidth) for t in terms])
+        coef = tuple(float(c) for c in _fit(_design(model, sums, terms), m)) if model != "raw" else ()
+        fitted = cls(model, coef, seed, loo_mape, (), cache, bandwidth)
         rows = []
-        for arch, ri, ni, mi in zip(archs, raw, lookups, measured):
-            predicted = _apply(best, coef, ri, ni)
-            rows.append({"arch": arch.to_string(), "key": arch.key, "raw_ms": ri, "lookups": ni, "measured_ms": mi,
+        for arch, t, mi in zip(archs, terms, m):
+            predicted = fitted.apply(t)
+            rows.append({"arch": arch.to_string(), "key": arch.key, "raw_ms": t.raw_ms, "lookups": t.lookups,
+                         "se_blocks": t.se_blocks, "weight_mb": sum(t.weight_bytes) / 1e6, "measured_ms": float(mi),
                          "predicted_ms": predicted, "error_pct": (predicted - mi) / mi * 100})
-        return cls(best, coef, seed, loo, tuple(rows))
+        return dataclasses.replace(fitted, rows=tuple(rows))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "coef": list(self.coef), "seed": self.seed, "loo_mape": self.loo_mape,
+        return {"model": self.model, "coef": list(self.coef), "cache_mb": self.cache_mb,
+                "bandwidth_gbs": self.bandwidth_gbs, "seed": self.seed, "loo_mape": self.loo_mape,
                 "rows": list(self.rows)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Calibration":
-        return cls(data["model"], tuple(data["coef"]), data["seed"], dict(data["loo_mape"]), tuple(data["rows"]))
+        return cls(data["model"], tuple(data["coef"]), data["seed"], dict(data["loo_mape"]), tuple(data["rows"]),
+                   data.get("cache_mb"), data.get("bandwidth_gbs"))
 
 
 # --- the table ----------------------------------------------------------------------------------
@@ -145,8 +227,8 @@ class LatencyTable:
         self.calibration = calibration
         self.source = source
         self._ms = {key: entry["median_ms"] for key, entry in entries.items()}
-        # (layer fields, (in_ch, size)) -> (ms, (out_ch, out_size)): resolving a layer costs far more
-        # than this lookup, and a space has few distinct layer contexts; likewise for heads
+        # (layer, (in_ch, size)) -> (ms, weight bytes, has SE, (out_ch, out_size)): resolving a layer
+        # costs far more than this lookup, and a space has few distinct layer contexts; likewise heads
         self._layers: dict[tuple, tuple[float, tuple[int, int]]] = {}
         self._heads: dict[tuple, float] = {}
 
@@ -248,46 +330,67 @@ class LatencyTable:
             raise MissingEntryError(key, self.source, self.metadata) from None
 
     def _learn(self, arch: Arch, num_classes: int) -> None:
-        """Resolve the arch's layers once, memoising each layer context's entry and output shape."""
+        """Resolve the arch's layers once, memoising each layer context's entry, bytes and output shape."""
         state = (3, arch.resolution)
         for layer in arch.layers:
             spec = resolve_layer(layer, *state)
-            ms = self.entry_ms(spec.key)
-            self._layers[layer, state] = ms, (spec.out_ch, spec.out_resolution)
+            self._layers[layer, state] = (self.entry_ms(spec.key), weight_bytes(spec), spec.se_ch > 0,
+                                          (spec.out_ch, spec.out_resolution))
             state = (spec.out_ch, spec.out_resolution)
         head = HeadSpec(arch.pool, state[0], arch.hidden, arch.hidden_act, num_classes, state[1])
-        self._heads[arch.pool, arch.hidden, arch.hidden_act, num_classes, state] = self.entry_ms(head.key)
+        self._heads[arch.pool, arch.hidden, arch.hidden_act, num_classes, state] = (self.entry_ms(head.key),
+                                                                                     head_weight_bytes(head))
 
-    def _lookup(self, arch: Arch, num_classes: int) -> float:
-        """Sum of entries from the memo alone; a KeyError means a context not seen yet."""
+    def _summary(self, arch: Arch, num_classes: int) -> tuple[float, int, int]:
+        """(sum of entries, weight bytes, SE blocks) from the memo alone; a KeyError means a context not seen yet."""
         layers = self._layers
-        total = 0.0
+        total, nbytes, se = 0.0, 0, 0
         state = (3, arch.resolution)
         for layer in arch.layers:
-            ms, state = layers[layer, state]
+            ms, b, has_se, state = layers[layer, state]
             total += ms
-        return total + self._heads[arch.pool, arch.hidden, arch.hidden_act, num_classes, state]
+            nbytes += b
+            se += has_se
+        head_ms, head_bytes = self._heads[arch.pool, arch.hidden, arch.hidden_act, num_classes, state]
+        return total + head_ms, nbytes + head_bytes, se
+
+    def _memo_summary(self, arch: Arch, num_classes: int) -> tuple[float, int, int]:
+        try:
+            return self._summary(arch, num_classes)
+        except KeyError:
+            self._learn(arch, num_classes)
+            return self._summary(arch, num_classes)
+
+    def terms(self, arch: Arch, num_classes: int | None = None) -> NetworkTerms:
+        """Each lookup's entry and weight bytes (stem to head) and the SE block count of ``arch``."""
+        specs, head = resolve(arch, num_classes or self.num_classes)
+        return self.terms_of(specs, head)
+
+    def terms_of(self, specs: Iterable[BlockSpec], head: HeadSpec) -> NetworkTerms:
+        specs = tuple(specs)
+        return NetworkTerms(tuple(self.entry_ms(spec.key) for spec in specs) + (self.entry_ms(head.key),),
+                            tuple(weight_bytes(spec) for spec in specs) + (head_weight_bytes(head),),
+                            sum(spec.se_ch > 0 for spec in specs))
 
     def predict_raw(self, arch: Arch, num_classes: int | None = None) -> tuple[float, int]:
         """Sum of the entries of the arch's blocks and head, and the number of entries summed."""
-        num_classes = num_classes or self.num_classes
-        try:
-            total = self._lookup(arch, num_classes)
-        except KeyError:
-            self._learn(arch, num_classes)
-            total = self._lookup(arch, num_classes)
-        return total, len(arch.layers) + 1
+        return self._memo_summary(arch, num_classes or self.num_classes)[0], len(arch.layers) + 1
 
     def predict(self, arch: Arch, num_classes: int | None = None) -> float:
         """Predicted end-to-end latency in ms (``num_classes`` defaults to the table's)."""
-        raw, lookups = self.predict_raw(arch, num_classes)
-        return self.calibration.apply(raw, lookups) if self.calibration else raw
+        num_classes = num_classes or self.num_classes
+        raw, nbytes, se = self._memo_summary(arch, num_classes)
+        calibration = self.calibration
+        if calibration is None:
+            return raw
+        if calibration.streams(nbytes):  # the slow path: per block, for the few networks beyond the cache
+            return calibration.apply(self.terms(arch, num_classes))
+        return calibration.combine(raw, len(arch.layers) + 1, se)
 
     def predict_many(self, archs: Iterable[Arch], num_classes: int | None = None) -> list[float]:
         return [self.predict(arch, num_classes) for arch in archs]
 
     def predict_specs(self, specs: Iterable[BlockSpec], head: HeadSpec) -> float:
         """Predicted ms from already resolved blocks (as ``nas.blocks.resolve`` returns them)."""
-        keys = [spec.key for spec in specs] + [head.key]
-        raw = sum(self.entry_ms(key) for key in keys)
-        return self.calibration.apply(raw, len(keys)) if self.calibration else raw
+        terms = self.terms_of(specs, head)
+        return self.calibration.apply(terms) if self.calibration else terms.raw_ms
