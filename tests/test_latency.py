@@ -183,6 +183,20 @@ def test_real_measurement_statistics(micro):
         assert Measurement.from_dict(json.loads(json.dumps(m.to_dict()))) == m
 
 
+def test_validation_is_held_to_the_tables_machine_state(micro_table, micro, monkeypatch):
+    """A table built while the machine ran twice as fast: every validation network is timed again."""
+    table = LatencyTable(dict(micro_table.metadata, reference_ms=1e-6), micro_table.entries, micro_table.calibration)
+    protocol = Protocol(warmup=1, min_runs=2, max_runs=3, session_seconds=0, sessions=1, retries=0)
+    models = []
+    real = measure.measure_models
+    monkeypatch.setattr(measure, "measure_models", lambda batch, *a: models.append(len(batch)) or real(batch, *a))
+    report = validate_table(table, micro, get_target("cpu"), n=3, seed=1, protocol=protocol, progress=False)
+    assert report["unstable"] == 3 and sum(models) == 3 * (1 + measure.UNSTABLE_PASSES)
+    assert report["reference_ms"] > 1e-3  # this machine's own best, not the table's
+    monitor = BusyMonitor(get_target("cpu"), protocol, baseline_ms=report["reference_ms"] / 2)
+    assert monitor.slowdown() > 0.5 and monitor.reference_ms > report["reference_ms"] / 2
+
+
 def test_lock_is_reentrant_and_refuses_measuring_inside_training():
     with measurement_lock(), measurement_lock():
         pass
@@ -471,6 +485,10 @@ def test_validation_excludes_calibration_networks(micro_table, micro):
     assert 0 <= report["within_5pct"] <= report["within_10pct"] <= 1
     row = report["rows"][0]
     assert row["error_pct"] == pytest.approx((row["predicted_ms"] - row["measured_ms"]) / row["measured_ms"] * 100)
+    candidates = report["calibration_candidates"]
+    assert {"raw", "linear", "linear_blocks+streaming"} <= set(candidates)
+    chosen = candidates[report["calibration"]]  # refitted on the same networks: the table's own calibration
+    assert (chosen["within_5pct"], chosen["mape"]) == (report["within_5pct"], pytest.approx(report["mape"]))
 
 
 def _script(name, *args, cwd=ROOT):

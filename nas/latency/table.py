@@ -82,6 +82,11 @@ CACHE_GRID_MB: tuple[float | None, ...] = (None, 4, 8, 12, 16, 24, 32)
 BANDWIDTH_GRID_GBS = (10, 15, 20, 30, 40, 60)
 
 
+def candidate_names() -> list[str]:
+    """Every calibration candidate ``Calibration.fit`` compares, as ``Calibration.name`` spells it."""
+    return ["raw"] + [f"{model}{suffix}" for suffix in ("", "+streaming") for model in CALIBRATION_MODELS if model != "raw"]
+
+
 @dataclass(frozen=True)
 class NetworkTerms:
     """What the calibration sees of one network: each lookup's entry and weight bytes, and its SE blocks."""
@@ -170,15 +175,22 @@ class Calibration:
         return frozenset(row["key"] for row in self.rows)
 
     @classmethod
-    def fit(cls, archs: list[Arch], terms: list[NetworkTerms], measured: list[float], seed: int) -> "Calibration":
+    def fit(cls, archs: list[Arch], terms: list[NetworkTerms], measured: list[float], seed: int,
+            only: str | None = None) -> "Calibration":
         """Each candidate model with and without the streaming term (over its grid); the lowest
-        leave-one-out error wins, ties going to fewer coefficients and then to no streaming."""
+        leave-one-out error wins, ties going to fewer coefficients and then to no streaming.
+
+        ``only`` fits just that candidate (a ``name`` such as ``linear_blocks+streaming``): validation
+        uses it to show what each term is worth on held-out networks.
+        """
         m = np.asarray(measured, dtype=float)
         candidates = []  # (loo, coefficients, streaming, model, cache, bandwidth)
         for cache in CACHE_GRID_MB:
             for bandwidth in (BANDWIDTH_GRID_GBS if cache is not None else (None,)):
                 sums = np.array([t.block_sum(cache, bandwidth) for t in terms])
                 for model, names in CALIBRATION_MODELS.items():
+                    if only is not None and only != model + ("+streaming" if cache is not None else ""):
+                        continue
                     if model == "raw":
                         if cache is None:
                             candidates.append((float(np.mean(np.abs(sums - m) / m) * 100), 0, 0, model, None, None))
@@ -187,6 +199,8 @@ class Calibration:
                         continue
                     loo = _loo_mape(_design(model, sums, terms), m)
                     candidates.append((loo, len(names) + 1, cache is not None, model, cache, bandwidth))
+        if not candidates:
+            raise NasError(f"no calibration candidate {only!r} can be fitted to {len(m)} networks")
         loo_mape: dict[str, float] = {}
         for loo, _, streaming, model, _, _ in candidates:
             name = model + ("+streaming" if streaming else "")
@@ -354,6 +368,21 @@ class LatencyTable:
         head_ms, head_bytes = self._heads[arch.pool, arch.hidden, arch.hidden_act, num_classes, state]
         return total + head_ms, nbytes + head_bytes, se
 
+    def _memo_terms(self, arch: Arch, num_classes: int) -> NetworkTerms:
+        """``terms`` from the memo (filled by ``_memo_summary``): per block, without resolving layers."""
+        layers = self._layers
+        ms, nbytes, se = [], [], 0
+        state = (3, arch.resolution)
+        for layer in arch.layers:
+            m, b, has_se, state = layers[layer, state]
+            ms.append(m)
+            nbytes.append(b)
+            se += has_se
+        head_ms, head_bytes = self._heads[arch.pool, arch.hidden, arch.hidden_act, num_classes, state]
+        ms.append(head_ms)
+        nbytes.append(head_bytes)
+        return NetworkTerms(tuple(ms), tuple(nbytes), se)
+
     def _memo_summary(self, arch: Arch, num_classes: int) -> tuple[float, int, int]:
         try:
             return self._summary(arch, num_classes)
@@ -383,8 +412,8 @@ class LatencyTable:
         calibration = self.calibration
         if calibration is None:
             return raw
-        if calibration.streams(nbytes):  # the slow path: per block, for the few networks beyond the cache
-            return calibration.apply(self.terms(arch, num_classes))
+        if calibration.streams(nbytes):  # per block, only for networks whose weights exceed the cache
+            return calibration.apply(self._memo_terms(arch, num_classes))
         return calibration.combine(raw, len(arch.layers) + 1, se)
 
     def predict_many(self, archs: Iterable[Arch], num_classes: int | None = None) -> list[float]:
