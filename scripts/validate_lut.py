@@ -27,6 +27,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, help="resolution of the default table name (default: the space's)")
     p.add_argument("--n", type=int, default=100, help="held-out networks to measure (default 100)")
     p.add_argument("--seed", type=int, default=1, help="random.Random seed of the networks (default 1)")
+    p.add_argument("--no-anchor", action="store_true",
+                   help="skip timing the table's calibration networks again (which re-anchors the figures to the "
+                        "machine's speed of the moment)")
     p.add_argument("--json", help="write the summary and per-network rows here")
     p.add_argument("--plot", help="predicted-vs-measured PNG (default: the --json file with .png, else "
                                   "<table name>-validation.png here)")
@@ -43,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     path = args.table or default_table_path(space.name, args.resolution or space.resolution, target)
     table = LatencyTable.load(path, expect_target=target.name, expect_threads=target.threads, expect_batch=target.batch)
     table.check_machine_speed(target)  # warns when the table comes from a faster or slower machine
-    report = validate_table(table, space, target, args.n, args.seed, progress=not args.quiet)
+    report = validate_table(table, space, target, args.n, args.seed, progress=not args.quiet,
+                            anchor=not args.no_anchor)
     print(format_summary(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")

@@ -8,6 +8,7 @@ stays fast.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import random
@@ -190,11 +191,26 @@ def test_validation_is_held_to_the_tables_machine_state(micro_table, micro, monk
     models = []
     real = measure.measure_models
     monkeypatch.setattr(measure, "measure_models", lambda batch, *a: models.append(len(batch)) or real(batch, *a))
-    report = validate_table(table, micro, get_target("cpu"), n=3, seed=1, protocol=protocol, progress=False)
+    report = validate_table(table, micro, get_target("cpu"), n=3, seed=1, protocol=protocol, progress=False,
+                            anchor=False)
     assert report["unstable"] == 3 and sum(models) == 3 * (1 + measure.UNSTABLE_PASSES)
     assert report["reference_ms"] > 1e-3  # this machine's own best, not the table's
     monitor = BusyMonitor(get_target("cpu"), protocol, baseline_ms=report["reference_ms"] / 2)
     assert monitor.slowdown() > 0.5 and monitor.reference_ms > report["reference_ms"] / 2
+
+
+def test_anchoring_reads_the_machine_speed_from_the_calibration_networks(micro_table, micro):
+    """A table whose calibration networks it says took twice as long: the machine reads ~2x faster now."""
+    protocol = Protocol(warmup=3, min_runs=30, max_runs=60, sessions=3, retries=0, reference=False)
+    cal = micro_table.calibration
+    slow_rows = tuple(dict(row, measured_ms=2 * row["measured_ms"]) for row in cal.rows)
+    slow = LatencyTable(micro_table.metadata, micro_table.entries, dataclasses.replace(cal, rows=slow_rows))
+    target = get_target("cpu")
+    here = validate_table(micro_table, micro, target, n=2, seed=3, protocol=protocol, progress=False)["anchored"]
+    halved = validate_table(slow, micro, target, n=2, seed=3, protocol=protocol, progress=False)["anchored"]
+    assert 0.3 < halved["speed_ratio"] / here["speed_ratio"] < 0.8
+    assert validate_table(micro_table, micro, target, n=2, seed=3, protocol=protocol, progress=False,
+                          anchor=False).get("anchored") is None
 
 
 def test_lock_is_reentrant_and_refuses_measuring_inside_training():
@@ -485,6 +501,10 @@ def test_validation_excludes_calibration_networks(micro_table, micro):
     assert 0 <= report["within_5pct"] <= report["within_10pct"] <= 1
     row = report["rows"][0]
     assert row["error_pct"] == pytest.approx((row["predicted_ms"] - row["measured_ms"]) / row["measured_ms"] * 100)
+    anchored = report["anchored"]  # the six calibration networks timed again among the held-out ones
+    assert anchored["networks"] == 6 and anchored["speed_ratio"] > 0
+    assert row["anchored_error_pct"] == pytest.approx(
+        (row["predicted_ms"] * anchored["speed_ratio"] - row["measured_ms"]) / row["measured_ms"] * 100)
     candidates = report["calibration_candidates"]
     assert {"raw", "linear", "linear_blocks+streaming"} <= set(candidates)
     chosen = candidates[report["calibration"]]  # refitted on the same networks: the table's own calibration

@@ -104,7 +104,7 @@ def _settings(space: SearchSpace, target: Target, resolution: int, num_classes: 
 class _Partial:
     """The ``.partial`` sidecar: a settings header, then one JSON line per finished measurement.
 
-    A model measured twice (the second pass over unstable ones) keeps its faster figure, both in
+    A model measured more than once (the passes over unstable ones) keeps its fastest figure, both in
     memory and when the file is read back.
     """
 

@@ -109,11 +109,17 @@ class NetworkTerms:
         Weights cycle through the cache once per inference, so with random replacement a share
         ``1 - cache / total`` of them misses; a block cannot run faster than it can read those.
         """
-        total_mb = sum(self.weight_bytes) / 1e6
-        if cache_mb is None or total_mb <= cache_mb:
+        ms_per_byte = streaming_ms_per_byte(sum(self.weight_bytes), cache_mb, bandwidth_gbs)
+        if not ms_per_byte:
             return self.raw_ms
-        ms_per_byte = (1 - cache_mb / total_mb) / (bandwidth_gbs * 1e6)
         return sum(max(ms, nbytes * ms_per_byte) for ms, nbytes in zip(self.ms, self.weight_bytes))
+
+
+def streaming_ms_per_byte(weight_bytes: int, cache_mb: float | None, bandwidth_gbs: float | None) -> float:
+    """Milliseconds per weight byte a network of ``weight_bytes`` streams; 0 while its weights fit."""
+    if cache_mb is None or weight_bytes <= cache_mb * 1e6:
+        return 0.0
+    return (1 - cache_mb * 1e6 / weight_bytes) / (bandwidth_gbs * 1e6)
 
 
 def _design(model: str, sums: np.ndarray, terms: list[NetworkTerms]) -> np.ndarray:
@@ -159,7 +165,7 @@ class Calibration:
 
     def streams(self, weight_bytes: int) -> bool:
         """Whether a network with this many weight bytes gets the streaming term."""
-        return self.cache_mb is not None and weight_bytes > self.cache_mb * 1e6
+        return streaming_ms_per_byte(weight_bytes, self.cache_mb, self.bandwidth_gbs) > 0
 
     def combine(self, block_sum: float, lookups: int, se_blocks: int) -> float:
         if self.model == "raw":
@@ -368,20 +374,17 @@ class LatencyTable:
         head_ms, head_bytes = self._heads[arch.pool, arch.hidden, arch.hidden_act, num_classes, state]
         return total + head_ms, nbytes + head_bytes, se
 
-    def _memo_terms(self, arch: Arch, num_classes: int) -> NetworkTerms:
-        """``terms`` from the memo (filled by ``_memo_summary``): per block, without resolving layers."""
+    def _memo_streamed_sum(self, arch: Arch, num_classes: int, ms_per_byte: float) -> float:
+        """``NetworkTerms.block_sum`` from the memo (filled by ``_memo_summary``), without resolving layers."""
         layers = self._layers
-        ms, nbytes, se = [], [], 0
+        total = 0.0
         state = (3, arch.resolution)
         for layer in arch.layers:
-            m, b, has_se, state = layers[layer, state]
-            ms.append(m)
-            nbytes.append(b)
-            se += has_se
+            ms, nbytes, _, state = layers[layer, state]
+            streamed = nbytes * ms_per_byte
+            total += ms if ms > streamed else streamed
         head_ms, head_bytes = self._heads[arch.pool, arch.hidden, arch.hidden_act, num_classes, state]
-        ms.append(head_ms)
-        nbytes.append(head_bytes)
-        return NetworkTerms(tuple(ms), tuple(nbytes), se)
+        return total + max(head_ms, head_bytes * ms_per_byte)
 
     def _memo_summary(self, arch: Arch, num_classes: int) -> tuple[float, int, int]:
         try:
@@ -412,8 +415,9 @@ class LatencyTable:
         calibration = self.calibration
         if calibration is None:
             return raw
-        if calibration.streams(nbytes):  # per block, only for networks whose weights exceed the cache
-            return calibration.apply(self._memo_terms(arch, num_classes))
+        ms_per_byte = streaming_ms_per_byte(nbytes, calibration.cache_mb, calibration.bandwidth_gbs)
+        if ms_per_byte:  # per block, only for networks whose weights exceed the cache
+            raw = self._memo_streamed_sum(arch, num_classes, ms_per_byte)
         return calibration.combine(raw, len(arch.layers) + 1, se)
 
     def predict_many(self, archs: Iterable[Arch], num_classes: int | None = None) -> list[float]:

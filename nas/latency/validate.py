@@ -76,8 +76,15 @@ def candidate_accuracy(table: LatencyTable, archs: list[Arch], measured_ms: list
 
 
 def validate_table(table: LatencyTable, space: SearchSpace, target: Target, n: int, seed: int,
-                   protocol: Protocol | None = None, chunk: int = 10, progress: bool = True) -> dict[str, Any]:
-    """Measure ``n`` held-out networks of ``space`` and compare them with the table's predictions."""
+                   protocol: Protocol | None = None, chunk: int = 10, progress: bool = True,
+                   anchor: bool = True) -> dict[str, Any]:
+    """Measure ``n`` held-out networks of ``space`` and compare them with the table's predictions.
+
+    With ``anchor``, the table's own calibration networks are measured again, shuffled in among the
+    held-out ones: their median ratio of time now to time at the build is the machine's speed now
+    relative to the table's, and the report adds the figures of the predictions scaled by it
+    (``anchored``). No held-out measurement enters that factor, so the figures stay out of sample.
+    """
     if n < 1:
         raise NasError(f"--n must be at least 1, got {n}")
     space = table_space(table, space)
@@ -95,10 +102,18 @@ def validate_table(table: LatencyTable, space: SearchSpace, target: Target, n: i
         (target.name, target.threads, target.batch)
     baseline = table.metadata.get("reference_ms") if same_setup else None
     monitor = BusyMonitor(target, protocol, baseline) if protocol.reference else None
-    with tqdm(total=len(archs), desc="validation networks", unit="net", disable=not progress,
+    anchors = list(table.calibration.rows) if anchor and table.calibration else []
+    everything = archs + [Arch.parse(row["arch"]) for row in anchors]
+    order = list(range(len(everything)))
+    random.Random(seed).shuffle(order)  # anchors and held-out networks share the machine's moods
+    with tqdm(total=len(everything), desc="validation networks", unit="net", disable=not progress,
               dynamic_ncols=True) as bar:
-        measured = measure_archs(archs, target, protocol, num_classes, chunk=chunk, monitor=monitor,
-                                 progress=bar.update)
+        shuffled = measure_archs([everything[i] for i in order], target, protocol, num_classes, chunk=chunk,
+                                 monitor=monitor, progress=bar.update)
+    by_index = dict(zip(order, shuffled))
+    measured = [by_index[i] for i in range(len(archs))]
+    speed = float(np.median([by_index[len(archs) + j].median_ms / row["measured_ms"]
+                             for j, row in enumerate(anchors)])) if anchors else None
     rows = []
     for arch, pred, m in zip(archs, predicted, measured):
         cost = arch_cost(arch, num_classes)
@@ -108,6 +123,8 @@ def validate_table(table: LatencyTable, space: SearchSpace, target: Target, n: i
             "p10_ms": m.p10_ms, "p90_ms": m.p90_ms, "spread": m.spread, "slowdown": m.slowdown, "stable": m.stable,
             "error_pct": (pred - m.median_ms) / m.median_ms * 100,
         })
+        if speed:
+            rows[-1]["anchored_error_pct"] = (pred * speed - m.median_ms) / m.median_ms * 100
     signed = np.array([r["error_pct"] for r in rows])
     errors = np.abs(signed)
     meas = [r["measured_ms"] for r in rows]
@@ -127,6 +144,10 @@ def validate_table(table: LatencyTable, space: SearchSpace, target: Target, n: i
         "reference_ms": monitor.reference_ms if monitor else None,
         "table_reference_ms": table.metadata.get("reference_ms"),
     }
+    if speed:
+        anchored = np.array([r["anchored_error_pct"] for r in rows])
+        summary["anchored"] = {"networks": len(anchors), "speed_ratio": speed, **_accuracy(anchored),
+                               "mean_error_pct": float(anchored.mean())}
     return {**summary, "rows": rows}
 
 
@@ -144,6 +165,10 @@ def format_summary(report: dict[str, Any]) -> str:
         f"rank vs measured: table Spearman {corr(report['spearman'])} Kendall {corr(report['kendall'])}   "
         f"FLOPs Spearman {corr(report['flops_spearman'])} Kendall {corr(report['flops_kendall'])}",
         f"unstable measurements: {report['unstable']}",
+        *([f"re-anchored by the table's {a['networks']} calibration networks timed again (machine at "
+           f"x{a['speed_ratio']:.3f} of the table's time): within +-10%: {a['within_10pct']:.1%}   within +-5%: "
+           f"{a['within_5pct']:.1%}   mean |error|: {a['mape']:.2f}%   bias: {a['mean_error_pct']:+.2f}%"]
+          if (a := report.get("anchored")) else []),
         "within +-5% with each calibration candidate refitted: " + ", ".join(
             f"{name} {score['within_5pct']:.0%}" for name, score in report.get("calibration_candidates", {}).items()),
     ])
