@@ -454,7 +454,7 @@ def test_calibration_picks_the_model_that_generalises():
 
 def test_calibration_finds_the_cache_networks_stream_beyond():
     """Networks of 2-200 MB of weights, timed as if those beyond 12 MB were read at 30 GB/s."""
-    from nas.latency.table import CACHE_GRID_MB, BANDWIDTH_GRID_GBS
+    from nas.latency.table import BANDWIDTH_GRID_GBS, CACHE_GRID_MB, streaming_ms_per_byte
 
     rng = np.random.default_rng(1)
     terms = [t for mb in np.geomspace(2, 200, 40) for t in _terms(rng, 1, mb)]
@@ -465,7 +465,7 @@ def test_calibration_finds_the_cache_networks_stream_beyond():
     fitted = Calibration.fit(archs, terms, measured, seed=0)
     assert (fitted.name, fitted.cache_mb, fitted.bandwidth_gbs) == ("linear_blocks+streaming", 12, 30)
     assert fitted.loo_mape["linear_blocks+streaming"] < 1e-6 < fitted.loo_mape["linear_blocks"]
-    assert fitted.streams(13_000_000) and not fitted.streams(11_000_000)
+    assert streaming_ms_per_byte(13_000_000, 12, 30) > 0 == streaming_ms_per_byte(11_000_000, 12, 30)
     assert max(abs(row["error_pct"]) for row in fitted.rows) < 1e-6
 
 

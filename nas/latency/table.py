@@ -163,10 +163,6 @@ class Calibration:
         """The chosen candidate, as ``loo_mape`` names it."""
         return self.model + ("+streaming" if self.cache_mb is not None else "")
 
-    def streams(self, weight_bytes: int) -> bool:
-        """Whether a network with this many weight bytes gets the streaming term."""
-        return streaming_ms_per_byte(weight_bytes, self.cache_mb, self.bandwidth_gbs) > 0
-
     def combine(self, block_sum: float, lookups: int, se_blocks: int) -> float:
         if self.model == "raw":
             return block_sum
