@@ -82,9 +82,15 @@ CACHE_GRID_MB: tuple[float | None, ...] = (None, 4, 8, 12, 16, 24, 32)
 BANDWIDTH_GRID_GBS = (10, 15, 20, 30, 40, 60)
 
 
+def candidate_name(model: str, streaming: bool) -> str:
+    """How ``loo_mape``, ``Calibration.name`` and ``Calibration.fit(only=...)`` name a candidate."""
+    return model + ("+streaming" if streaming else "")
+
+
 def candidate_names() -> list[str]:
-    """Every calibration candidate ``Calibration.fit`` compares, as ``Calibration.name`` spells it."""
-    return ["raw"] + [f"{model}{suffix}" for suffix in ("", "+streaming") for model in CALIBRATION_MODELS if model != "raw"]
+    """Every calibration candidate ``Calibration.fit`` compares."""
+    return ["raw"] + [candidate_name(model, streaming) for streaming in (False, True)
+                      for model in CALIBRATION_MODELS if model != "raw"]
 
 
 @dataclass(frozen=True)
@@ -161,7 +167,7 @@ class Calibration:
     @property
     def name(self) -> str:
         """The chosen candidate, as ``loo_mape`` names it."""
-        return self.model + ("+streaming" if self.cache_mb is not None else "")
+        return candidate_name(self.model, self.cache_mb is not None)
 
     def combine(self, block_sum: float, lookups: int, se_blocks: int) -> float:
         if self.model == "raw":
@@ -188,10 +194,12 @@ class Calibration:
         m = np.asarray(measured, dtype=float)
         candidates = []  # (loo, coefficients, streaming, model, cache, bandwidth)
         for cache in CACHE_GRID_MB:
+            if only is not None and only.endswith("+streaming") != (cache is not None):
+                continue  # none of this cache setting's candidates is wanted: skip its block sums
             for bandwidth in (BANDWIDTH_GRID_GBS if cache is not None else (None,)):
                 sums = np.array([t.block_sum(cache, bandwidth) for t in terms])
                 for model, names in CALIBRATION_MODELS.items():
-                    if only is not None and only != model + ("+streaming" if cache is not None else ""):
+                    if only is not None and only != candidate_name(model, cache is not None):
                         continue
                     if model == "raw":
                         if cache is None:
@@ -205,7 +213,7 @@ class Calibration:
             raise NasError(f"no calibration candidate {only!r} can be fitted to {len(m)} networks")
         loo_mape: dict[str, float] = {}
         for loo, _, streaming, model, _, _ in candidates:
-            name = model + ("+streaming" if streaming else "")
+            name = candidate_name(model, streaming)
             loo_mape[name] = min(loo_mape.get(name, math.inf), loo)
         _, _, _, model, cache, bandwidth = min(candidates, key=lambda c: (round(c[0], 6), c[1], c[2]))
         sums = np.array([t.block_sum(cache, bandwidth) for t in terms])
