@@ -209,6 +209,11 @@ def test_anchoring_reads_the_machine_speed_from_the_calibration_networks(micro_t
     here = validate_table(micro_table, micro, target, n=2, seed=3, protocol=protocol, progress=False)["anchored"]
     halved = validate_table(slow, micro, target, n=2, seed=3, protocol=protocol, progress=False)["anchored"]
     assert 0.3 < halved["speed_ratio"] / here["speed_ratio"] < 0.8
+    # repeatability: the calibration networks now against the build, with the common factor removed
+    assert [row["build_ms"] for row in halved["rows"]] == [row["measured_ms"] for row in slow_rows]
+    differences = np.array([row["now_ms"] / row["build_ms"] / halved["speed_ratio"] - 1 for row in halved["rows"]])
+    assert halved["repeatability"]["within_5pct"] == np.mean(np.abs(differences) <= 0.05)
+    assert halved["repeatability"]["mape"] == pytest.approx(np.mean(np.abs(differences)) * 100)
     assert validate_table(micro_table, micro, target, n=2, seed=3, protocol=protocol, progress=False,
                           anchor=False).get("anchored") is None
 
@@ -351,6 +356,27 @@ def test_load_rejects_non_tables(tmp_path):
     (tmp_path / "bad.json").write_text('{"schema": 99}')
     with pytest.raises(NasError, match="not a latency table of schema 1"):
         LatencyTable.load(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["calibration"].update(model="quadratic"), r"calibration model 'quadratic' is not one of raw, linear"),
+    (lambda d: d["calibration"].update(coef=[1.0]), r"calibration 'coef' has 1 values, model '\w+' takes [234]"),
+    (lambda d: d["calibration"].pop("seed"), r"calibration lacks 'seed'"),
+    (lambda d: d["calibration"].update(coef="fast"), r"malformed calibration"),
+    (lambda d: d["calibration"].update(cache_mb=8, bandwidth_gbs=None), r"only one of 'cache_mb' and 'bandwidth_gbs'"),
+    (lambda d: d["entries"].update(stem={"p10_ms": 1.0}), r"entry 'stem' lacks a numeric 'median_ms'"),
+])
+def test_load_rejects_a_malformed_calibration_or_entry(edit, message, tmp_path):
+    """A hand-edited table fails on loading with the file and the key, not with a KeyError at predict time."""
+    data = json.loads(TINY_TABLE.read_text())
+    if data["calibration"]["model"] == "raw":
+        data["calibration"].update(model="linear", coef=[1.0, 0.0])
+    edit(data)
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(NasError, match=message) as info:
+        LatencyTable.load(path)
+    assert str(info.value).startswith(f"{path}: ")
 
 
 def test_interrupted_build_resumes(tmp_path, monkeypatch):

@@ -42,11 +42,11 @@ from nas.latency.traffic import head_weight_bytes, weight_bytes
 
 SCHEMA = 1
 TABLES_DIR = Path("latency_tables")
-CALIBRATION_MODELS = {"raw": 0, "linear": 2, "linear_blocks": 3}  # name -> number of coefficients
 # the reference block's best time is compared, not a network's: on one shared VM it read 0.017-0.025 ms
 # within an hour while whole networks kept their speed, and 0.041 ms a week earlier when they ran 2x slower
 SPEED_TOLERANCE = 0.5
 SPEED_READINGS = 10  # sessions of the reference block; the best counts (~0.1 s)
+
 
 class MissingEntryError(NasError):
     """The table has no entry for a block: names the key and the table file."""
@@ -233,9 +233,27 @@ class Calibration:
                 "rows": list(self.rows)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Calibration":
-        return cls(data["model"], tuple(data["coef"]), data["seed"], dict(data["loo_mape"]), tuple(data["rows"]),
-                   data.get("cache_mb"), data.get("bandwidth_gbs"))
+    def from_dict(cls, data: dict[str, Any], source: str = "<memory>") -> "Calibration":
+        """Read a table's calibration; a hand-edited or foreign one fails here, naming the key, not at predict time."""
+        try:
+            model, coef = data["model"], tuple(float(c) for c in data["coef"])
+            calibration = cls(model, coef, int(data["seed"]), dict(data["loo_mape"]), tuple(data["rows"]),
+                              data.get("cache_mb"), data.get("bandwidth_gbs"))
+        except KeyError as exc:
+            raise NasError(f"{source}: calibration lacks {exc.args[0]!r}; rebuild the table with "
+                           "python scripts/build_lut.py") from None
+        except (TypeError, ValueError) as exc:
+            raise NasError(f"{source}: malformed calibration ({exc}); rebuild the table with "
+                           "python scripts/build_lut.py") from None
+        if model not in CALIBRATION_MODELS:
+            raise NasError(f"{source}: calibration model {model!r} is not one of {', '.join(CALIBRATION_MODELS)}; "
+                           "the table comes from another nas version: rebuild it with python scripts/build_lut.py")
+        wanted = len(CALIBRATION_MODELS[model]) + 1 if model != "raw" else 0
+        if len(coef) != wanted:
+            raise NasError(f"{source}: calibration 'coef' has {len(coef)} values, model {model!r} takes {wanted}")
+        if (calibration.cache_mb is None) != (calibration.bandwidth_gbs is None):
+            raise NasError(f"{source}: calibration sets only one of 'cache_mb' and 'bandwidth_gbs'; set both or neither")
+        return calibration
 
 
 # --- the table ----------------------------------------------------------------------------------
@@ -326,7 +344,10 @@ class LatencyTable:
         for field in ("num_classes", "resolution", "target", "threads", "batch"):
             if field not in data["metadata"]:
                 raise NasError(f"{source}: latency table metadata lacks {field!r}")
-        calibration = Calibration.from_dict(data["calibration"]) if data.get("calibration") else None
+        for key, entry in data["entries"].items():
+            if not isinstance(entry, dict) or not isinstance(entry.get("median_ms"), (int, float)):
+                raise NasError(f"{source}: entry {key!r} lacks a numeric 'median_ms'")
+        calibration = Calibration.from_dict(data["calibration"], source) if data.get("calibration") else None
         return cls(data["metadata"], data["entries"], calibration, source)
 
     def to_dict(self) -> dict[str, Any]:
