@@ -35,6 +35,7 @@ from nas.strategies import Exhausted, make_strategy
 from nas.trial import COMPLETE, FAIL, PRUNED, Trial
 
 MAX_CONSECUTIVE_REJECTS = 1000  # duplicates or limit violations in a row before giving up
+LINE_METRICS = ("accuracy", "latency_ms")  # printed on every trial line as acc= and lat=
 
 
 @dataclass(frozen=True)
@@ -272,10 +273,13 @@ class Search:
         if s.time_budget is not None:  # no new round starts after the budget: it bounds the wait too
             eta = min(eta, max(0.0, s.time_budget - self.searched()))
         acc = trial.metrics.get("accuracy")
-        values = ", ".join(f"{name}={v:.4g}" for name, v in zip(s.objective.names, trial.values or ()))
+        # objective values not already on the line (a Pareto vector repeats accuracy and negated latency)
+        others = [f"{name.lstrip('-')}={-v if name.startswith('-') else v:.4g}"
+                  for name, v in zip(s.objective.names, trial.values or ()) if name.lstrip("-") not in LINE_METRICS]
         self.log(f"[{finished}/{s.trials}] trial {trial.number} {trial.state:8} acc="
                  f"{acc if acc is None else format(acc, '.4f')} lat={trial.metrics.get('latency_ms', 0):.3f}ms "
-                 f"{values} ({trial.metrics.get('epochs')} ep, {trial.seconds:.1f}s) "
+                 + "".join(f"{value} " for value in others)
+                 + f"({trial.metrics.get('epochs')} ep, {trial.seconds:.1f}s) "
                  f"{trial.error or ''}| elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min")
 
     # --- the whole search ----------------------------------------------------------------------

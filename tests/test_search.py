@@ -230,3 +230,18 @@ def test_ray_executor_on_a_local_ray_instance(tmp_path):
         ray.shutdown()
     # seeded training gives the same result wherever it runs
     assert [(t.arch, t.values) for t in remote] == [(t.arch, t.values) for t in local]
+
+
+def test_trial_lines_name_each_metric_once(tmp_path):
+    """A Pareto vector repeats accuracy and negated latency: the line shows them once, costs positive."""
+    space = load_space(SPACES / "tiny.yaml")
+    lines = []
+    objective = Objective("pareto", minimise=("latency_ms", "flops"))
+    Search(space, settings(trials=2, objective=objective), tmp_path, flops_latency, log=lines.append).run()
+    trial_lines = {int(line.split(" trial ")[1].split()[0]): line for line in lines if line.startswith("[")}
+    rows = read_jsonl(tmp_path / "trials.jsonl")
+    assert sorted(trial_lines) == sorted(row["number"] for row in rows)
+    for row in rows:
+        line = trial_lines[row["number"]]
+        assert line.count("acc=") == 1 and "accuracy=" not in line and "latency_ms=" not in line
+        assert f" flops={row['metrics']['flops']:.4g} " in line
