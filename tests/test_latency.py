@@ -214,6 +214,7 @@ def test_anchoring_reads_the_machine_speed_from_the_calibration_networks(micro_t
     differences = np.array([row["now_ms"] / row["build_ms"] / halved["speed_ratio"] - 1 for row in halved["rows"]])
     assert halved["repeatability"]["within_5pct"] == np.mean(np.abs(differences) <= 0.05)
     assert halved["repeatability"]["mape"] == pytest.approx(np.mean(np.abs(differences)) * 100)
+    assert halved["repeatability"]["perfect_table"]["mape"] == pytest.approx(halved["repeatability"]["mape"] / np.sqrt(2))
     assert validate_table(micro_table, micro, target, n=2, seed=3, protocol=protocol, progress=False,
                           anchor=False).get("anchored") is None
 
