@@ -8,20 +8,18 @@ runs/<name>/ (printed at the end). Running the same command again resumes an int
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 from nas.config import SearchConfig
-from nas.cli import ArgumentParser
+from nas.cli import ArgumentParser, DefaultsHelpFormatter
 from nas.errors import NasError, exit_on_user_error
 
 D = SearchConfig()
 
 
-
 def parse(argv: list[str] | None) -> tuple[SearchConfig, str | None]:
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter)
     p.add_argument("--target", default=D.target, help="where latency counts: cpu, or an ONNX Runtime provider "
                                                        "target such as cuda or openvino")
     p.add_argument("--threads", type=int, default=D.threads, help="ONNX Runtime intra-op threads on the target")

@@ -88,3 +88,13 @@ def test_export_script_reuses_the_runs_trained_weights(run, tmp_path):
     assert "using trained weights" in result.stderr
     assert row["arch"] == best["arch"] and row["parity_rel_max_abs"] <= 1e-4
     assert row["onnx_accuracy"] == best["onnx_accuracy"]
+
+
+def test_help_states_each_default_once():
+    result = run_script("search.py", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    assert "(default: None)" not in text
+    assert "(default: cpu)" in text and "(default: 300)" in text  # --target, --trials
+    # options whose help already names the default get no second one
+    assert "(default: the space's) (default" not in text and "(default: --epochs) (default" not in text
