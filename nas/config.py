@@ -14,6 +14,8 @@ from typing import Any
 
 from nas.errors import NasError
 
+SCHEDULERS = ("halving", "hyperband", "asha")  # --scheduler: see nas.search
+
 
 # A default run trains a few dozen candidates: evolution's textbook population (20) would leave it
 # almost no generations, so the main job starts evolving after 8.
@@ -42,7 +44,7 @@ class SearchConfig:
     fraction: float = 1.0  # top rung share of the training data
     rungs: int = 2  # successive-halving rungs; each lower rung gets 1/eta of the budget
     eta: int = 3
-    scheduler: str = "halving"  # halving: successive halving from rung 0 each round | hyperband: cycle its brackets
+    scheduler: str = "halving"  # halving: rounds from rung 0 | hyperband: rounds cycle its brackets | asha: no rounds
     final_epochs: int | None = None  # the winner's and baselines' training; default: epochs
     baselines: tuple[float, ...] = (0.35, 0.5, 0.75, 1.0)  # MobileNetV2 width multipliers to compare with
     front_size: int = 8  # most Pareto points re-measured end to end
@@ -63,7 +65,7 @@ class SearchConfig:
             (0 < self.fraction <= 1, "--fraction", "in (0, 1]", self.fraction),
             (self.rungs >= 1, "--rungs", "at least 1", self.rungs),
             (self.eta >= 2, "--eta", "at least 2", self.eta),
-            (self.scheduler in ("halving", "hyperband"), "--scheduler", "halving or hyperband", self.scheduler),
+            (self.scheduler in SCHEDULERS, "--scheduler", "halving, hyperband or asha", self.scheduler),
             (self.workers >= 1, "--workers", "at least 1", self.workers),
             (self.threads >= 1, "--threads", "at least 1", self.threads),
             (self.front_size >= 1, "--front-size", "at least 1", self.front_size),

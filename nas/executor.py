@@ -2,16 +2,19 @@
 
 Every executor has one method, ``run(jobs, on_result)``: it trains the jobs (in parallel where it
 can) and calls ``on_result(job, result)`` in the caller's process as each one finishes, so the
-journal records every finished evaluation at once. Workers only train; latency is never measured here.
+journal records every finished evaluation at once. ``on_result`` may return more jobs, which run in
+the same call: that is how ASHA keeps every worker busy without rounds. Workers only train; latency
+is never measured here.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as futures
 import multiprocessing
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from nas.errors import NasError
 from nas.fidelity import Fidelity
@@ -48,15 +51,17 @@ def train_job(job: TrainJob) -> dict[str, Any]:
     return result.to_dict()
 
 
-OnResult = Callable[[TrainJob, dict[str, Any]], None]
+OnResult = Callable[[TrainJob, dict[str, Any]], Iterable[TrainJob] | None]  # returns follow-up jobs, if any
 
 
 class InlineExecutor:
     """One worker: train in this process, in order (deterministic and easiest to debug)."""
 
     def run(self, jobs: list[TrainJob], on_result: OnResult) -> None:
-        for job in jobs:
-            on_result(job, train_job(job))
+        queue = collections.deque(jobs)
+        while queue:
+            job = queue.popleft()
+            queue.extend(on_result(job, train_job(job)) or ())
 
     def close(self) -> None:
         pass
@@ -70,8 +75,11 @@ class ProcessExecutor:
 
     def run(self, jobs: list[TrainJob], on_result: OnResult) -> None:
         pending = {self.pool.submit(train_job, job): job for job in jobs}
-        for done in futures.as_completed(pending):
-            on_result(pending[done], done.result())
+        while pending:
+            finished, _ = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
+            for future in finished:
+                for job in on_result(pending.pop(future), future.result()) or ():
+                    pending[self.pool.submit(train_job, job)] = job
 
     def close(self) -> None:
         self.pool.shutdown(cancel_futures=True)
@@ -98,7 +106,8 @@ class RayExecutor:
         while refs:
             ready, _ = self.ray.wait(list(refs), num_returns=1)
             for ref in ready:
-                on_result(refs.pop(ref), self.ray.get(ref))
+                for job in on_result(refs.pop(ref), self.ray.get(ref)) or ():
+                    refs[self.remote.remote(job)] = job
 
     def close(self) -> None:
         pass

@@ -8,7 +8,9 @@ Pure Python (no torch), so any search strategy can use it and its tests run in m
 - ``Hyperband``: several successive-halving brackets that start at different rungs, hedging between
   "many candidates, little training" and "few candidates, full training".
 - ``ASHA``: asynchronous; a free worker promotes any candidate that is in the top ``floor(n / eta)``
-  of its rung's completed results, otherwise it starts a new candidate at the bottom rung.
+  of its rung's completed results, otherwise it starts a new candidate at the bottom rung
+  (``next_job``); or, as the search loop uses it, each result is judged the moment it arrives, so a
+  candidate that stops is done for good (``promotes``).
 
 Ranking is delegated to a ``RankKey``: a function from the results of one rung (in completion order)
 to one score per result, lower is better. ``maximize(value)`` covers a single objective; a
@@ -212,6 +214,20 @@ class ASHA:
     def __init__(self, rungs: Sequence[Fidelity], eta: float = 3):
         self.rungs = _check_rungs(rungs, eta)
         self.eta = eta
+
+    def promotes(self, done: Sequence[Evaluation], rank_key: RankKey) -> bool:
+        """Whether the last of ``done`` (completion order) goes on to the next rung, decided now: it is
+        in the top ``floor(n / eta)`` of the ``n`` results its rung has so far, itself included.
+
+        Deciding at once (as Optuna's successive-halving pruner does) makes a stopped candidate final,
+        which strategies that learn from finished trials need; ``next_job`` may still promote it later.
+        """
+        last = done[-1]
+        if last.rung >= len(self.rungs) - 1:
+            return False
+        peers = [e for e in done if e.rung == last.rung]
+        k = math.floor(len(peers) / self.eta)
+        return len(peers) - 1 in top_k([e.result for e in peers], k, rank_key)
 
     def next_job(
         self, done: Sequence[Evaluation], rank_key: RankKey, pending: Iterable[Job] = ()

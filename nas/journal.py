@@ -46,6 +46,7 @@ class Replay:
 
     events: list[dict[str, Any]] = field(default_factory=list)
     rungs: dict[int, dict[int, dict[str, Any]]] = field(default_factory=dict)  # number -> rung -> result
+    order: list[tuple[int, int]] = field(default_factory=list)  # (number, rung) of every rung result, as journaled
 
 
 class Journal:
@@ -69,6 +70,7 @@ class Journal:
         for event in read_jsonl(self.events_path):
             if event["event"] == "rung":
                 replay.rungs.setdefault(event["number"], {})[event["rung"]] = event["result"]
+                replay.order.append((event["number"], event["rung"]))
                 continue
             replay.events.append(event)
         return replay

@@ -4,7 +4,8 @@ Each round asks the strategy for a batch of candidates, trains them at the lowes
 with ``scheduler="hyperband"``, at the rung of the round's Hyperband bracket), promotes the top 1/eta
 (by the objective: reward, or Pareto rank for multi-objective searches) to the next rung, and so on;
 a candidate's trial is its result at the highest rung it reached (COMPLETE at the top rung, PRUNED
-below). Latency, FLOPs and parameters come from the latency table and the cost model
+below). ``scheduler="asha"`` has no rounds: each result promotes its candidate at once or ends its
+trial, and the free worker starts a new candidate. Latency, FLOPs and parameters come from the latency table and the cost model
 before training, so hard limits reject a candidate without training it.
 
 Resume: the strategy is rebuilt with the same seed and the journal's asks and tells are replayed in
@@ -26,8 +27,8 @@ from nas.arch import Arch
 from nas.cost import arch_cost
 from nas.errors import NasError
 from nas.executor import TrainJob, make_executor, threads_per_worker
-from nas.fidelity import Bracket, Fidelity, Hyperband, SuccessiveHalving, ladder, maximize
-from nas.journal import Journal
+from nas.fidelity import ASHA, Bracket, Evaluation, Fidelity, Hyperband, SuccessiveHalving, ladder, maximize
+from nas.journal import Journal, Replay
 from nas.objectives import Limits, Objective
 from nas.pareto import crowding_distance, non_dominated_sort
 from nas.space import SearchSpace
@@ -52,7 +53,7 @@ class LoopSettings:
     top: Fidelity = Fidelity(epochs=8, fraction=1.0, resolution=32)  # the last rung's training
     rungs: int = 2
     eta: int = 3
-    scheduler: str = "halving"  # halving: every round starts at the lowest rung | hyperband: rounds cycle brackets
+    scheduler: str = "halving"  # halving: rounds start at rung 0 | hyperband: rounds cycle brackets | asha: no rounds
     num_classes: int = 10
     workers: int = 1
     executor: str = "local"
@@ -129,9 +130,10 @@ class Search:
                 "latency_ms": latency, "predicted_latency_ms": latency}
 
     # --- resume --------------------------------------------------------------------------------
-    def _replay(self) -> tuple[list[tuple[int, dict]], int, set[int], dict[int, dict[int, dict]]]:
+    def _replay(self) -> tuple[list[tuple[int, dict]], int, set[int], Replay]:
         """Replay the journal into the strategy; return the round left open by a crash (its members
-        and start rung, those of them already told) and every journaled rung result."""
+        and start rung, those of them already told; with ASHA, every candidate not yet told) and the
+        replay with every journaled rung result."""
         replay = self.journal.replay()
         params: dict[int, dict[str, Any]] = {}
         told: set[int] = set()
@@ -158,13 +160,15 @@ class Search:
         untold = [n for n in params if n not in told]
         if open_round and all(n in told for n in open_round):
             open_round = []
-        if not open_round:  # crashed while collecting a round: its asks never reached training
-            open_round, start_rung = untold, self.settings.bracket(self.rounds).start_rung
-            self.rounds += bool(untold)
+        if not open_round:  # crashed while collecting a round (its asks never reached training), or ASHA
+            open_round = untold
+            if self.settings.scheduler != "asha":
+                start_rung = self.settings.bracket(self.rounds).start_rung
+                self.rounds += bool(untold)
         if self.trials or open_round:
             self.log(f"resuming {self.journal.folder}: {len(self.trials)} finished trials, "
                      f"{sum(n not in told for n in open_round)} unfinished to retry")
-        return [(n, params[n]) for n in open_round], start_rung, told, replay.rungs
+        return [(n, params[n]) for n in open_round], start_rung, told, replay
 
     # --- one round ------------------------------------------------------------------------------
     def _ask(self) -> tuple[int, dict[str, Any]] | None:
@@ -237,17 +241,82 @@ class Search:
             survivors = [survivors[i] for i in self.halving.promote(results, self.rank)]
             if not survivors:
                 break
-        top = len(self.halving.rungs) - 1
         for n, _ in batch:
-            if n in told:
-                continue
-            rung, result = best[n]
-            state = FAIL if result["error"] else (COMPLETE if rung == top else PRUNED)
-            values = tuple(result["values"]) if result["values"] else None
-            metrics = {k: v for k, v in result.items() if k not in ("values", "error")}
-            trial = Trial(n, params[n], statics[n]["arch"], state, values, metrics, result["error"], result["seconds"])
-            self._tell(trial)
-            self._log_trial(trial)
+            if n not in told:
+                self._finish(n, params[n], statics[n]["arch"], *best[n])
+
+    def _finish(self, number: int, params: dict, arch: str, rung: int, result: dict) -> None:
+        """Tell and log a candidate's trial: its result at the highest rung it reached."""
+        top = len(self.halving.rungs) - 1
+        state = FAIL if result["error"] else (COMPLETE if rung == top else PRUNED)
+        values = tuple(result["values"]) if result["values"] else None
+        metrics = {k: v for k, v in result.items() if k not in ("values", "error")}
+        trial = Trial(number, params, arch, state, values, metrics, result["error"], result["seconds"])
+        self._tell(trial)
+        self._log_trial(trial)
+
+    # --- ASHA: no rounds ---------------------------------------------------------------------------
+    def _run_asha(self, unfinished: list[tuple[int, dict]], replay: Replay, executor) -> None:
+        """Asynchronous successive halving: whenever a result arrives, the candidate goes on to the next
+        rung if it is in the top 1/eta of its rung so far (``ASHA.promotes``), else its trial is told,
+        and a free worker starts a new candidate at rung 0. No worker waits for a round to fill.
+
+        Every decision depends only on the results journaled before it, so a resumed run remakes the
+        decisions a crash interrupted and, with one worker, equals an uninterrupted run.
+        """
+        s = self.settings
+        asha = ASHA(s.fidelities, s.eta)
+        results = replay.rungs
+        evaluations = [Evaluation(n, r, results[n][r]) for n, r in replay.order]
+        params: dict[int, dict] = {}
+        statics: dict[int, dict] = {}
+        active: set[int] = set()  # candidates started and not yet told
+
+        def start(number: int, rung: int) -> TrainJob:
+            active.add(number)
+            return self._job(number, params[number], rung, asha.rungs[rung], statics[number])
+
+        def settle(number: int, done: list[Evaluation]) -> list[TrainJob]:
+            """After the candidate's latest result (the last of ``done``): its promotion, or its trial."""
+            rung = done[-1].rung
+            result = results[number][rung]
+            if not result["error"] and not self._out_of_time() and asha.promotes(done, self.rank):
+                return [start(number, rung + 1)]
+            active.discard(number)
+            self._finish(number, params[number], statics[number]["arch"], rung, result)
+            self.journal.clock(self.searched())
+            return fresh()
+
+        def fresh() -> list[TrainJob]:
+            """A new candidate at rung 0 while the budget has room for it."""
+            if self._out_of_time() or len(self.trials) + len(active) >= s.trials:
+                return []
+            item = self._ask()
+            if item is None:
+                return []
+            number, params[number] = item
+            statics[number] = self.static_metrics(params[number])
+            return [start(number, 0)]
+
+        def finished(job: TrainJob, result: dict) -> list[TrainJob]:
+            result = self._score(result, statics[job.number], asha.rungs[job.rung])
+            self.journal.rung(job.number, job.rung, result)
+            results.setdefault(job.number, {})[job.rung] = result
+            evaluations.append(Evaluation(job.number, job.rung, result))
+            return settle(job.number, evaluations)
+
+        jobs: list[TrainJob] = []
+        for number, p in unfinished:  # a crash left these asked, and perhaps trained, but not told
+            params[number], statics[number] = p, self.static_metrics(p)
+            if number in results:  # the decision its last journaled result was waiting for
+                last = max(i for i, e in enumerate(evaluations) if e.candidate == number)
+                active.add(number)
+                jobs += settle(number, evaluations[:last + 1])
+            else:
+                jobs.append(start(number, 0))
+        while len(jobs) < s.workers and (more := fresh()):
+            jobs += more
+        executor.run(jobs, finished)
 
     def _job(self, number: int, params: dict, rung: int, fidelity: Fidelity, static: dict) -> TrainJob:
         s = self.settings
@@ -287,17 +356,26 @@ class Search:
         """Seconds of search in this run, earlier sessions included (what ``time_budget`` bounds)."""
         return self.spent_before + time.monotonic() - self.started
 
+    def _out_of_time(self) -> bool:
+        return self.settings.time_budget is not None and self.searched() > self.settings.time_budget
+
     def run(self) -> list[Trial]:
         s = self.settings
-        unfinished, start_rung, told, done = self._replay()
+        unfinished, start_rung, told, replay = self._replay()
+        done = replay.rungs
         self.resumed = len(self.trials)
         executor = make_executor(s.executor, s.workers, threads_per_worker(s.workers), s.ray_address)
         try:
+            if s.scheduler == "asha":
+                self._run_asha(unfinished, replay, executor)
+                if self._out_of_time():
+                    self.log(f"time budget of {s.time_budget:.0f}s reached after {len(self.trials)} trials")
+                return self.trials
             if unfinished:
                 self._round(unfinished, start_rung, done, executor, told)
                 self.journal.clock(self.searched())
             while len(self.trials) < s.trials:
-                if s.time_budget is not None and self.searched() > s.time_budget:
+                if self._out_of_time():
                     self.log(f"time budget of {s.time_budget:.0f}s reached after {len(self.trials)} trials")
                     break
                 bracket = s.bracket(self.rounds)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 
-from nas.config import SearchConfig
+from nas.config import SCHEDULERS, SearchConfig
 from nas.cli import ArgumentParser, DefaultsHelpFormatter
 from nas.errors import NasError, exit_on_user_error
 
@@ -44,9 +44,10 @@ def parse(argv: list[str] | None) -> tuple[SearchConfig, str | None]:
     p.add_argument("--fraction", type=float, default=D.fraction, help="top-rung share of the training data")
     p.add_argument("--rungs", type=int, default=D.rungs, help="successive-halving rungs")
     p.add_argument("--eta", type=int, default=D.eta, help="successive-halving reduction factor")
-    p.add_argument("--scheduler", default=D.scheduler, choices=["halving", "hyperband"],
-                   help="multi-fidelity schedule: successive halving from the lowest rung every round, or "
-                        "Hyperband's brackets in turn (some rounds start higher, with fewer candidates)")
+    p.add_argument("--scheduler", default=D.scheduler, choices=SCHEDULERS,
+                   help="multi-fidelity schedule: successive halving from the lowest rung every round, "
+                        "Hyperband's brackets in turn (some rounds start higher, with fewer candidates), or "
+                        "asha (no rounds: each result promotes its candidate or frees the worker at once)")
     p.add_argument("--final-epochs", type=int, default=D.final_epochs, help="the winner's final training "
                                                                              "(default: --epochs)")
     p.add_argument("--baselines", default=",".join(f"{w:g}" for w in D.baselines),

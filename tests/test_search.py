@@ -15,10 +15,10 @@ import yaml
 from conftest import ROOT, SPACES
 from nas.cost import arch_cost
 from nas.errors import NasError
-from nas.fidelity import Fidelity
+from nas.fidelity import ASHA, Evaluation, Fidelity
 from nas.journal import read_jsonl
 from nas.objectives import Limits, Objective
-from nas.search import LoopSettings, Search
+from nas.search import LoopSettings, Search, rank_key
 from nas.space import load_space
 from nas.trial import COMPLETE, PRUNED
 
@@ -87,6 +87,39 @@ def test_time_budget_spans_resumed_sessions(tmp_path):
     assert len(Search(space, settings(trials=6, time_budget=spent * 100), tmp_path, flops_latency, **quiet).run()) == 6
 
 
+def test_asha_decides_each_result_at_once_from_the_results_before_it(tmp_path):
+    """No rounds: a candidate goes on exactly when it is in the top floor(n/eta) of its rung so far."""
+    space = load_space(SPACES / "tiny.yaml")
+    config = settings(scheduler="asha", trials=8)
+    trials = Search(space, config, tmp_path, flops_latency, log=lambda _: None).run()
+    events = read_jsonl(tmp_path / "journal.jsonl")
+    assert not any(e["event"] == "round" for e in events)
+    asha, rank = ASHA(config.fidelities, config.eta), rank_key(config.objective)
+    done, reached = [], {}
+    for e in events:
+        if e["event"] == "rung":
+            done.append(Evaluation(e["number"], e["rung"], e["result"]))
+            if e["rung"] == 0:
+                reached[e["number"]] = 1 if asha.promotes(done, rank) else 0
+            else:
+                assert reached[e["number"]] == 1  # trained at rung 1 only when its rung-0 result promoted it
+    states = {t.number: t.state for t in trials}
+    assert len(trials) == 8 and sum(reached.values()) >= 2  # floor(n/2): some go on, the first one never
+    assert {n: COMPLETE if r else PRUNED for n, r in reached.items()} == states
+    assert reached[min(reached)] == 0
+    assert all(t.metrics["epochs"] == config.fidelities[reached[t.number]].epochs for t in trials)
+
+
+def test_asha_keeps_two_workers_busy(tmp_path):
+    """With two workers a new candidate starts before the first is told: no worker waits for a round."""
+    space = load_space(SPACES / "tiny.yaml")
+    trials = Search(space, settings(scheduler="asha", trials=4, workers=2), tmp_path, flops_latency,
+                    log=lambda _: None).run()
+    assert len(trials) == 4 and all(t.state in (COMPLETE, PRUNED) for t in trials)
+    events = [e for e in read_jsonl(tmp_path / "journal.jsonl") if e["event"] in ("ask", "tell")]
+    assert [e["event"] for e in events[:2]] == ["ask", "ask"]
+
+
 def test_hyperband_rounds_cycle_its_brackets(tmp_path):
     space = load_space(SPACES / "tiny.yaml")
     # rungs 2, eta 2: bracket 0 starts 2 candidates at rung 0 (one promoted), bracket 1 trains 2 at the top
@@ -109,6 +142,7 @@ def test_hyperband_rounds_cycle_its_brackets(tmp_path):
     ("evolution", {"population_size": 4, "sample_size": 2}, "halving"),
     ("rl", {}, "halving"),
     ("evolution", {"population_size": 4, "sample_size": 2}, "hyperband"),  # interrupted in a top-rung bracket
+    ("evolution", {"population_size": 4, "sample_size": 2}, "asha"),
 ])
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, strategy, options, scheduler):
     space = load_space(SPACES / "tiny.yaml")
@@ -132,19 +166,20 @@ KILLABLE = textwrap.dedent("""
     from nas.space import load_space
     space = load_space(sys.argv[1])
     s = LoopSettings(strategy="rl", trials=6, objective=Objective.mnasnet(0.5, "soft"),
-                     top=Fidelity(2, 0.15, 16), rungs=2, eta=2, seed=3)
+                     top=Fidelity(2, 0.15, 16), rungs=2, eta=2, seed=3, scheduler=sys.argv[3])
     Search(space, s, sys.argv[2], lambda a: arch_cost(a, 10).flops / 1e6, log=lambda _: None).run()
 """)
 
 
-def test_kill_9_mid_round_loses_nothing_and_resumes_identically(tmp_path):
+@pytest.mark.parametrize("scheduler", ["halving", "asha"])  # asha: killed before the journaled result's decision
+def test_kill_9_mid_round_loses_nothing_and_resumes_identically(tmp_path, scheduler):
     space_file = str(SPACES / "tiny.yaml")
     script = tmp_path / "run.py"
     script.write_text(KILLABLE)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    subprocess.run([sys.executable, str(script), space_file, str(whole)], check=True, env=env, timeout=600)
-    proc = subprocess.Popen([sys.executable, str(script), space_file, str(killed)], env=env)
+    subprocess.run([sys.executable, str(script), space_file, str(whole), scheduler], check=True, env=env, timeout=600)
+    proc = subprocess.Popen([sys.executable, str(script), space_file, str(killed), scheduler], env=env)
     journal = killed / "journal.jsonl"
     deadline = time.monotonic() + 600
     # kill once a round has a rung result journaled but the round is not finished
@@ -158,7 +193,7 @@ def test_kill_9_mid_round_loses_nothing_and_resumes_identically(tmp_path):
     proc.wait()
     before = read_jsonl(killed / "trials.jsonl")
     assert 2 <= len(before) < 6
-    subprocess.run([sys.executable, str(script), space_file, str(killed)], check=True, env=env, timeout=600)
+    subprocess.run([sys.executable, str(script), space_file, str(killed), scheduler], check=True, env=env, timeout=600)
     assert comparable(killed / "trials.jsonl") == comparable(whole / "trials.jsonl")
     assert comparable(killed / "trials.jsonl")[: len(before)] == [comparable_row(r) for r in before]
 
