@@ -271,6 +271,7 @@ class Search:
         params: dict[int, dict] = {}
         statics: dict[int, dict] = {}
         active: set[int] = set()  # candidates started and not yet told
+        exhausted = False
 
         def start(number: int, rung: int) -> TrainJob:
             active.add(number)
@@ -289,10 +290,13 @@ class Search:
 
         def fresh() -> list[TrainJob]:
             """A new candidate at rung 0 while the budget has room for it."""
-            if self._out_of_time() or len(self.trials) + len(active) >= s.trials:
+            nonlocal exhausted
+            if exhausted or self._out_of_time() or len(self.trials) + len(active) >= s.trials:
                 return []
             item = self._ask()
             if item is None:
+                exhausted = True
+                self.log("the strategy has no candidates left")
                 return []
             number, params[number] = item
             statics[number] = self.static_metrics(params[number])

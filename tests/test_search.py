@@ -280,3 +280,12 @@ def test_trial_lines_name_each_metric_once(tmp_path):
         line = trial_lines[row["number"]]
         assert line.count("acc=") == 1 and "accuracy=" not in line and "latency_ms=" not in line
         assert f" flops={row['metrics']['flops']:.4g} " in line
+
+
+def test_asha_stops_once_when_the_strategy_runs_out(tmp_path):
+    space = load_space(small_space(tmp_path))
+    lines = []
+    trials = Search(space, settings(strategy="grid", strategy_options={}, trials=5, scheduler="asha"),
+                    tmp_path / "run", flops_latency, log=lines.append).run()
+    assert len(trials) == 2 and len({t.arch for t in trials}) == 2
+    assert lines.count("the strategy has no candidates left") == 1
