@@ -309,12 +309,13 @@ class Search:
             evaluations.append(Evaluation(job.number, job.rung, result))
             return settle(job.number, evaluations)
 
-        jobs: list[TrainJob] = []
         for number, p in unfinished:  # a crash left these asked, and perhaps trained, but not told
             params[number], statics[number] = p, self.static_metrics(p)
+            active.add(number)  # all of them count against the budget before any new candidate is asked
+        jobs: list[TrainJob] = []
+        for number, _ in unfinished:
             if number in results:  # the decision its last journaled result was waiting for
                 last = max(i for i, e in enumerate(evaluations) if e.candidate == number)
-                active.add(number)
                 jobs += settle(number, evaluations[:last + 1])
             else:
                 jobs.append(start(number, 0))

@@ -289,3 +289,24 @@ def test_asha_stops_once_when_the_strategy_runs_out(tmp_path):
                     tmp_path / "run", flops_latency, log=lines.append).run()
     assert len(trials) == 2 and len({t.arch for t in trials}) == 2
     assert lines.count("the strategy has no candidates left") == 1
+
+
+def test_asha_resume_settles_every_journaled_result_before_asking_anew(tmp_path):
+    """Two candidates trained but not told (a crash before their decisions): resuming settles both from
+    the journal, retrains neither, and asks no candidate beyond the budget."""
+    space = load_space(SPACES / "tiny.yaml")
+    config = settings(scheduler="asha", trials=4)
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    Search(space, config, whole, flops_latency, log=lambda _: None).run()
+    events = read_jsonl(whole / "journal.jsonl")
+    untold = [e["trial"]["number"] for e in events if e["event"] == "tell" and not e["skipped"]][-2:]
+    cut.mkdir()
+    (cut / "journal.jsonl").write_text("".join(
+        json.dumps(e, sort_keys=True) + "\n" for e in events
+        if not (e["event"] == "tell" and e["trial"]["number"] in untold)))
+    (cut / "trials.jsonl").write_text("".join(
+        json.dumps(r, sort_keys=True) + "\n" for r in read_jsonl(whole / "trials.jsonl") if r["number"] not in untold))
+    Search(space, config, cut, flops_latency, log=lambda _: None).run()
+    assert comparable(cut / "trials.jsonl") == comparable(whole / "trials.jsonl")
+    rung_events = [e for e in read_jsonl(cut / "journal.jsonl") if e["event"] == "rung"]
+    assert len(rung_events) == sum(e["event"] == "rung" for e in events)  # nothing trained again
