@@ -5,8 +5,8 @@ with ``scheduler="hyperband"``, at the rung of the round's Hyperband bracket), p
 (by the objective: reward, or Pareto rank for multi-objective searches) to the next rung, and so on;
 a candidate's trial is its result at the highest rung it reached (COMPLETE at the top rung, PRUNED
 below). ``scheduler="asha"`` has no rounds: each result promotes its candidate at once or ends its
-trial, and the free worker starts a new candidate. Latency, FLOPs and parameters come from the latency table and the cost model
-before training, so hard limits reject a candidate without training it.
+trial, and the free worker starts a new candidate. Latency, FLOPs and parameters come from the
+latency table and the cost model before training, so hard limits reject a candidate without training it.
 
 Resume: the strategy is rebuilt with the same seed and the journal's asks and tells are replayed in
 order; candidates asked but never told (a crash mid-round) are retrained from their journaled rung

@@ -112,7 +112,8 @@ def validate_table(table: LatencyTable, space: SearchSpace, target: Target, n: i
                                  monitor=monitor, progress=bar.update)
     by_index = dict(zip(order, shuffled))
     measured = [by_index[i] for i in range(len(archs))]
-    repeats = np.array([by_index[len(archs) + j].median_ms / row["measured_ms"] for j, row in enumerate(anchors)])
+    anchors_now = [by_index[len(archs) + j].median_ms for j in range(len(anchors))]
+    repeats = np.array([now / row["measured_ms"] for now, row in zip(anchors_now, anchors)])
     speed = float(np.median(repeats)) if anchors else None
     rows = []
     for arch, pred, m in zip(archs, predicted, measured):
@@ -154,8 +155,8 @@ def validate_table(table: LatencyTable, space: SearchSpace, target: Target, n: i
                                "mean_error_pct": float(anchored.mean()),
                                "repeatability": {**_accuracy(differences),
                                                  "perfect_table": _accuracy(differences / math.sqrt(2))},
-                               "rows": [{"arch": row["arch"], "build_ms": row["measured_ms"], "now_ms": now * row["measured_ms"]}
-                                        for row, now in zip(anchors, repeats)]}
+                               "rows": [{"arch": row["arch"], "build_ms": row["measured_ms"], "now_ms": now}
+                                        for row, now in zip(anchors, anchors_now)]}
     return {**summary, "rows": rows}
 
 
