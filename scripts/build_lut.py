@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ninterrupted: progress is kept in {out}.partial; run the same command to resume", file=sys.stderr)
         return 130
     cal = table.calibration
-    streaming = f" (cache {cal.cache_mb} MB, {cal.bandwidth_gbs} GB/s)" if cal and cal.cache_mb is not None else ""
+    streaming = "" if not cal or cal.cache_mb is None else f" (cache {cal.cache_mb} MB" + (
+        f", {cal.bandwidth_gbs} GB/s)" if cal.bandwidth_gbs is not None else ")")
     fit = f"calibration {cal.name}{streaming} {[round(c, 5) for c in cal.coef]}, leave-one-out error " \
           f"{cal.loo_mape[cal.name]:.2f}%" if cal else "no calibration"
     print(f"wrote {out}: {len(table.entries)} entries, {fit}")

@@ -367,10 +367,13 @@ def test_load_rejects_non_tables(tmp_path):
 
 @pytest.mark.parametrize("edit, message", [
     (lambda d: d["calibration"].update(model="quadratic"), r"calibration model 'quadratic' is not one of raw, linear"),
-    (lambda d: d["calibration"].update(coef=[1.0]), r"calibration 'coef' has 1 values, model '\w+' takes [234]"),
+    (lambda d: d["calibration"].update(coef=[1.0]), r"calibration 'coef' has 1 values, model '\w+' takes [2-6]"),
     (lambda d: d["calibration"].pop("seed"), r"calibration lacks 'seed'"),
     (lambda d: d["calibration"].update(coef="fast"), r"malformed calibration"),
-    (lambda d: d["calibration"].update(cache_mb=8, bandwidth_gbs=None), r"only one of 'cache_mb' and 'bandwidth_gbs'"),
+    (lambda d: d["calibration"].update(model="linear", coef=[1.0, 0.0], cache_mb=8, bandwidth_gbs=None),
+     r"model 'linear' with 'cache_mb' 8 and 'bandwidth_gbs' None: a spill model sets only 'cache_mb'"),
+    (lambda d: d["calibration"].update(model="linear_blocks_se_spill", coef=[1.0] * 6, cache_mb=None, bandwidth_gbs=None),
+     r"model 'linear_blocks_se_spill' with 'cache_mb' None"),
     (lambda d: d["entries"].update(stem={"p10_ms": 1.0}), r"entry 'stem' lacks a numeric 'median_ms'"),
 ])
 def test_load_rejects_a_malformed_calibration_or_entry(edit, message, tmp_path):
@@ -412,14 +415,19 @@ def test_interrupted_build_resumes(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_build_script_resumes_after_ctrl_c(tmp_path):
     """The user's path: Ctrl-C in build_lut.py on tiny.yaml, then the same command again."""
+    # the full protocol (3 sessions per entry): with one session a fast machine finished the whole
+    # table before the Ctrl-C arrived
     command = [sys.executable, str(ROOT / "scripts" / "build_lut.py"), "--space", str(ROOT / "search_spaces" / "tiny.yaml"),
-               "--sessions", "1", "--calibration-archs", "4", "--out", str(tmp_path / "t.json")]
+               "--calibration-archs", "4", "--out", str(tmp_path / "t.json")]
     sidecar = tmp_path / "t.json.partial"
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    # a shell without job control starts background jobs with SIGINT ignored, and children inherit that
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while (not sidecar.exists() or len(sidecar.read_text().splitlines()) < 1 + 64) and process.poll() is None:
         assert time.monotonic() < deadline, "build_lut.py wrote no progress"
         time.sleep(0.05)
+    assert process.poll() is None, "build_lut.py finished before it could be interrupted"
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
@@ -500,6 +508,36 @@ def test_calibration_finds_the_cache_networks_stream_beyond():
     assert fitted.loo_mape["linear_blocks+streaming"] < 1e-6 < fitted.loo_mape["linear_blocks"]
     assert streaming_ms_per_byte(13_000_000, 12, 30) > 0 == streaming_ms_per_byte(11_000_000, 12, 30)
     assert max(abs(row["error_pct"]) for row in fitted.rows) < 1e-6
+
+
+def test_calibration_finds_the_cache_networks_spill_beyond():
+    """Networks of 0.2-20 MB of weights, timed as if each lookup beyond a 1.5 MB cache cost 10 us more
+    and each spilled MB 5 us: the spill model is chosen with that cache and its coefficients."""
+    from nas.latency.table import SPILL_GRID_MB, spilled_share
+
+    rng = np.random.default_rng(2)
+    terms = [t for mb in np.geomspace(0.2, 20, 40) for t in _terms(rng, 1, mb)]
+    archs = sample_archs(load_space(ROOT / "search_spaces" / "tiny.yaml"), 40, seed=0)
+    assert 1.5 in SPILL_GRID_MB and spilled_share(1_000_000, 1.5) == 0 < spilled_share(2_000_000, 1.5) == 0.25
+
+    def timed(t):
+        share = spilled_share(sum(t.weight_bytes), 1.5)
+        return t.raw_ms - 0.003 * t.lookups + 0.001 * t.se_blocks + share * (0.01 * t.lookups + 0.005 * sum(t.weight_bytes) / 1e6) + 0.02
+
+    fitted = Calibration.fit(archs, terms, [timed(t) for t in terms], seed=0)
+    assert (fitted.name, fitted.cache_mb, fitted.bandwidth_gbs) == ("linear_blocks_se_spill", 1.5, None)
+    assert fitted.coef == pytest.approx((1.0, -0.003, 0.001, 0.01, 0.005, 0.02), abs=1e-9)
+    assert fitted.loo_mape["linear_blocks_se_spill"] < 1e-6 < min(v for k, v in fitted.loo_mape.items() if k != fitted.name)
+    assert Calibration.from_dict(json.loads(json.dumps(fitted.to_dict()))) == fitted
+    table = LatencyTable.load(TINY_TABLE)  # the memoised fast path applies the same terms
+    table.calibration = dataclasses.replace(fitted, cache_mb=0.01)  # tiny.yaml's networks hold ~0.02-0.1 MB
+    space = load_space(ROOT / "search_spaces" / "tiny.yaml")
+    spilled = 0
+    for arch in sample_archs(space, 20, seed=3):
+        terms_now = table.terms(arch)
+        spilled += spilled_share(sum(terms_now.weight_bytes), 0.01) > 0
+        assert table.predict(arch) == pytest.approx(table.calibration.apply(terms_now))
+    assert spilled >= 10
 
 
 # --- the shipped tiny table ---------------------------------------------------------------------

@@ -15,9 +15,14 @@ because a block timed alone differs from the same block inside a network in thre
   memory on every inference: the ``streaming`` term (``NetworkTerms.block_sum``, bytes from
   ``nas.latency.traffic``) raises each block to the time its share of missed weights takes to read.
 
+On some CPUs (a 2-core Xeon VM with a 2 MB L2 per core) a streamed block does not overlap its reads
+with its arithmetic: each block of a network whose weights outgrow the cache costs a fixed amount
+more, plus a little per byte. The ``spill`` model adds those as terms of their own, the spilled
+share of lookups and of megabytes, with the cache size fitted over a grid.
+
 The candidates (raw sum, ``a*sum + b``, ``+ c*lookups``, ``+ d*se_blocks``, each with and without
-streaming over a grid of cache sizes and bandwidths) are compared by leave-one-out error on the
-calibration networks; the lowest wins, ties going to the simpler.
+streaming over a grid of cache sizes and bandwidths, and the spill model over its cache grid) are
+compared by leave-one-out error on the calibration networks; the lowest wins, ties going to the simpler.
 """
 
 from __future__ import annotations
@@ -76,10 +81,15 @@ def default_table_path(space_name: str, resolution: int, target: Target) -> Path
 CALIBRATION_MODELS: dict[str, tuple[str, ...]] = {
     "raw": (), "linear": ("one",), "linear_blocks": ("lookups", "one"),
     "linear_blocks_se": ("lookups", "se_blocks", "one"),
+    "linear_blocks_se_spill": ("lookups", "se_blocks", "spilled_lookups", "spilled_mb", "one"),
 }
+# models whose spilled_* terms need a cache size (fitted over SPILL_GRID_MB, no bandwidth)
+SPILL_MODELS = frozenset(m for m, names in CALIBRATION_MODELS.items() if "spilled_mb" in names)
 # the weight cache and memory bandwidth that the streaming term is fitted over (None: no term)
 CACHE_GRID_MB: tuple[float | None, ...] = (None, 4, 8, 12, 16, 24, 32)
 BANDWIDTH_GRID_GBS = (10, 15, 20, 30, 40, 60)
+# the cache the spill terms are fitted over: a private L2 (1-2 MB) is what a core keeps hot
+SPILL_GRID_MB = (0.5, 1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 
 
 def candidate_name(model: str, streaming: bool) -> str:
@@ -90,7 +100,7 @@ def candidate_name(model: str, streaming: bool) -> str:
 def candidate_names() -> list[str]:
     """Every calibration candidate ``Calibration.fit`` compares."""
     return ["raw"] + [candidate_name(model, streaming) for streaming in (False, True)
-                      for model in CALIBRATION_MODELS if model != "raw"]
+                      for model in CALIBRATION_MODELS if model != "raw" and not (streaming and model in SPILL_MODELS)]
 
 
 @dataclass(frozen=True)
@@ -122,16 +132,31 @@ class NetworkTerms:
 
 
 def streaming_ms_per_byte(weight_bytes: int, cache_mb: float | None, bandwidth_gbs: float | None) -> float:
-    """Milliseconds per weight byte a network of ``weight_bytes`` streams; 0 while its weights fit."""
+    """Milliseconds per weight byte a network of ``weight_bytes`` streams; 0 while its weights fit
+    (or when no bandwidth is set: the spill model adds its cost instead of raising blocks to it)."""
+    if bandwidth_gbs is None:
+        return 0.0
+    return spilled_share(weight_bytes, cache_mb) / (bandwidth_gbs * 1e6)
+
+
+def spilled_share(weight_bytes: int, cache_mb: float | None) -> float:
+    """The share of a network's weights that misses a cache of ``cache_mb`` each inference (random
+    replacement, weights read once per inference); 0 while they fit."""
     if cache_mb is None or weight_bytes <= cache_mb * 1e6:
         return 0.0
-    return (1 - cache_mb * 1e6 / weight_bytes) / (bandwidth_gbs * 1e6)
+    return 1 - cache_mb * 1e6 / weight_bytes
 
 
-def _design(model: str, sums: np.ndarray, terms: list[NetworkTerms]) -> np.ndarray:
-    columns = {"lookups": [t.lookups for t in terms], "se_blocks": [t.se_blocks for t in terms],
-               "one": [1.0] * len(terms)}
-    return np.column_stack([sums, *(np.asarray(columns[name], dtype=float) for name in CALIBRATION_MODELS[model])])
+def term_values(lookups: int, se_blocks: int, weight_bytes: int, spill_mb: float | None) -> dict[str, float]:
+    """Every calibration term of one network, by the names ``CALIBRATION_MODELS`` uses."""
+    share = spilled_share(weight_bytes, spill_mb)
+    return {"lookups": lookups, "se_blocks": se_blocks, "spilled_lookups": share * lookups,
+            "spilled_mb": share * weight_bytes / 1e6, "one": 1.0}
+
+
+def _design(model: str, sums: np.ndarray, terms: list[NetworkTerms], spill_mb: float | None = None) -> np.ndarray:
+    rows = [term_values(t.lookups, t.se_blocks, sum(t.weight_bytes), spill_mb) for t in terms]
+    return np.column_stack([sums, *(np.array([r[name] for r in rows]) for name in CALIBRATION_MODELS[model])])
 
 
 def _fit(design: np.ndarray, measured: np.ndarray) -> np.ndarray:
@@ -152,8 +177,9 @@ def _loo_mape(design: np.ndarray, measured: np.ndarray) -> float:
 class Calibration:
     """Maps a network's terms to predicted ms; keeps the networks and residuals it was fitted on.
 
-    ``coef`` multiplies (block sum, then the model's terms in ``CALIBRATION_MODELS`` order); the
-    block sum streams weights beyond ``cache_mb`` at ``bandwidth_gbs`` when those are set.
+    ``coef`` multiplies (block sum, then the model's terms in ``CALIBRATION_MODELS`` order). With
+    ``bandwidth_gbs`` the block sum streams weights beyond ``cache_mb`` at that bandwidth; a spill
+    model instead adds the cost of the weights (and lookups) beyond ``cache_mb`` as terms of their own.
     """
 
     model: str  # a key of CALIBRATION_MODELS
@@ -167,16 +193,17 @@ class Calibration:
     @property
     def name(self) -> str:
         """The chosen candidate, as ``loo_mape`` names it."""
-        return candidate_name(self.model, self.cache_mb is not None)
+        return candidate_name(self.model, self.bandwidth_gbs is not None)
 
-    def combine(self, block_sum: float, lookups: int, se_blocks: int) -> float:
+    def combine(self, block_sum: float, lookups: int, se_blocks: int, weight_bytes: int) -> float:
         if self.model == "raw":
             return block_sum
-        values = {"lookups": lookups, "se_blocks": se_blocks, "one": 1.0}
+        values = term_values(lookups, se_blocks, weight_bytes, self.cache_mb)
         return self.coef[0] * block_sum + sum(c * values[name] for c, name in zip(self.coef[1:], CALIBRATION_MODELS[self.model]))
 
     def apply(self, terms: NetworkTerms) -> float:
-        return self.combine(terms.block_sum(self.cache_mb, self.bandwidth_gbs), terms.lookups, terms.se_blocks)
+        return self.combine(terms.block_sum(self.cache_mb, self.bandwidth_gbs), terms.lookups, terms.se_blocks,
+                            sum(terms.weight_bytes))
 
     @property
     def arch_keys(self) -> frozenset[str]:
@@ -185,30 +212,34 @@ class Calibration:
     @classmethod
     def fit(cls, archs: list[Arch], terms: list[NetworkTerms], measured: list[float], seed: int,
             only: str | None = None) -> "Calibration":
-        """Each candidate model with and without the streaming term (over its grid); the lowest
-        leave-one-out error wins, ties going to fewer coefficients and then to no streaming.
+        """Each candidate model with and without the streaming term (over its grid), and the spill
+        models over their cache grid; the lowest leave-one-out error wins, ties going to fewer
+        coefficients and then to no streaming.
 
         ``only`` fits just that candidate (a ``name`` such as ``linear_blocks+streaming``): validation
         uses it to show what each term is worth on held-out networks.
         """
         m = np.asarray(measured, dtype=float)
+        settings = [(None, None)] + [(c, b) for c in CACHE_GRID_MB if c is not None for b in BANDWIDTH_GRID_GBS]
+        settings += [(c, None) for c in SPILL_GRID_MB]
         candidates = []  # (loo, coefficients, streaming, model, cache, bandwidth)
-        for cache in CACHE_GRID_MB:
-            if only is not None and only.endswith("+streaming") != (cache is not None):
-                continue  # none of this cache setting's candidates is wanted: skip its block sums
-            for bandwidth in (BANDWIDTH_GRID_GBS if cache is not None else (None,)):
-                sums = np.array([t.block_sum(cache, bandwidth) for t in terms])
-                for model, names in CALIBRATION_MODELS.items():
-                    if only is not None and only != candidate_name(model, cache is not None):
-                        continue
-                    if model == "raw":
-                        if cache is None:
-                            candidates.append((float(np.mean(np.abs(sums - m) / m) * 100), 0, 0, model, None, None))
-                        continue
-                    if len(m) < len(names) + 3:  # leave-one-out needs a point beyond a determined fit
-                        continue
-                    loo = _loo_mape(_design(model, sums, terms), m)
-                    candidates.append((loo, len(names) + 1, cache is not None, model, cache, bandwidth))
+        for cache, bandwidth in settings:
+            streaming, spill = bandwidth is not None, cache is not None and bandwidth is None
+            models = [model for model in CALIBRATION_MODELS if (model in SPILL_MODELS) == spill
+                      and (only is None or only == candidate_name(model, streaming))]
+            if not models:
+                continue  # none of this setting's candidates is wanted: skip its block sums
+            sums = np.array([t.block_sum(cache, bandwidth) for t in terms])
+            for model in models:
+                if model == "raw":
+                    if not streaming:
+                        candidates.append((float(np.mean(np.abs(sums - m) / m) * 100), 0, 0, model, None, None))
+                    continue
+                names = CALIBRATION_MODELS[model]
+                if len(m) < len(names) + 3:  # leave-one-out needs a point beyond a determined fit
+                    continue
+                loo = _loo_mape(_design(model, sums, terms, cache), m)
+                candidates.append((loo, len(names) + 1, streaming, model, cache, bandwidth))
         if not candidates:
             raise NasError(f"no calibration candidate {only!r} can be fitted to {len(m)} networks")
         loo_mape: dict[str, float] = {}
@@ -217,7 +248,7 @@ class Calibration:
             loo_mape[name] = min(loo_mape.get(name, math.inf), loo)
         _, _, _, model, cache, bandwidth = min(candidates, key=lambda c: (round(c[0], 6), c[1], c[2]))
         sums = np.array([t.block_sum(cache, bandwidth) for t in terms])
-        coef = tuple(float(c) for c in _fit(_design(model, sums, terms), m)) if model != "raw" else ()
+        coef = tuple(float(c) for c in _fit(_design(model, sums, terms, cache), m)) if model != "raw" else ()
         fitted = cls(model, coef, seed, loo_mape, (), cache, bandwidth)
         rows = []
         for arch, t, mi in zip(archs, terms, m):
@@ -251,8 +282,10 @@ class Calibration:
         wanted = len(CALIBRATION_MODELS[model]) + 1 if model != "raw" else 0
         if len(coef) != wanted:
             raise NasError(f"{source}: calibration 'coef' has {len(coef)} values, model {model!r} takes {wanted}")
-        if (calibration.cache_mb is None) != (calibration.bandwidth_gbs is None):
-            raise NasError(f"{source}: calibration sets only one of 'cache_mb' and 'bandwidth_gbs'; set both or neither")
+        if (calibration.cache_mb is None) != (calibration.bandwidth_gbs is None and model not in SPILL_MODELS):
+            raise NasError(f"{source}: calibration model {model!r} with 'cache_mb' {calibration.cache_mb} and "
+                           f"'bandwidth_gbs' {calibration.bandwidth_gbs}: a spill model sets only 'cache_mb', "
+                           "streaming sets both, the others neither; rebuild the table with python scripts/build_lut.py")
         return calibration
 
 
@@ -443,7 +476,7 @@ class LatencyTable:
         ms_per_byte = streaming_ms_per_byte(nbytes, calibration.cache_mb, calibration.bandwidth_gbs)
         if ms_per_byte:  # per block, only for networks whose weights exceed the cache
             raw = self._memo_streamed_sum(arch, num_classes, ms_per_byte)
-        return calibration.combine(raw, len(arch.layers) + 1, se)
+        return calibration.combine(raw, len(arch.layers) + 1, se, nbytes)
 
     def predict_many(self, archs: Iterable[Arch], num_classes: int | None = None) -> list[float]:
         return [self.predict(arch, num_classes) for arch in archs]
