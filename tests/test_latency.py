@@ -367,13 +367,15 @@ def test_load_rejects_non_tables(tmp_path):
 
 @pytest.mark.parametrize("edit, message", [
     (lambda d: d["calibration"].update(model="quadratic"), r"calibration model 'quadratic' is not one of raw, linear"),
-    (lambda d: d["calibration"].update(coef=[1.0]), r"calibration 'coef' has 1 values, model '\w+' takes [2-6]"),
+    (lambda d: d["calibration"].update(coef=[1.0]), r"calibration 'coef' has 1 values, model '\w+' takes [2-7]"),
     (lambda d: d["calibration"].pop("seed"), r"calibration lacks 'seed'"),
     (lambda d: d["calibration"].update(coef="fast"), r"malformed calibration"),
     (lambda d: d["calibration"].update(model="linear", coef=[1.0, 0.0], cache_mb=8, bandwidth_gbs=None),
      r"model 'linear' with 'cache_mb' 8 and 'bandwidth_gbs' None: a spill model sets only 'cache_mb'"),
     (lambda d: d["calibration"].update(model="linear_blocks_se_spill", coef=[1.0] * 6, cache_mb=None, bandwidth_gbs=None),
      r"model 'linear_blocks_se_spill' with 'cache_mb' None"),
+    (lambda d: d["calibration"].update(model="linear_blocks_se_spill2", coef=[1.0] * 7, cache_mb=2, bandwidth_gbs=None,
+                                       near_cache_mb=4), r"'near_cache_mb' 4 and 'cache_mb' 2: only a spill2 model"),
     (lambda d: d["entries"].update(stem={"p10_ms": 1.0}), r"entry 'stem' lacks a numeric 'median_ms'"),
 ])
 def test_load_rejects_a_malformed_calibration_or_entry(edit, message, tmp_path):
@@ -527,7 +529,8 @@ def test_calibration_finds_the_cache_networks_spill_beyond():
     fitted = Calibration.fit(archs, terms, [timed(t) for t in terms], seed=0)
     assert (fitted.name, fitted.cache_mb, fitted.bandwidth_gbs) == ("linear_blocks_se_spill", 1.5, None)
     assert fitted.coef == pytest.approx((1.0, -0.003, 0.001, 0.01, 0.005, 0.02), abs=1e-9)
-    assert fitted.loo_mape["linear_blocks_se_spill"] < 1e-6 < min(v for k, v in fitted.loo_mape.items() if k != fitted.name)
+    # spill2 nests it (a zero near-cache term) and ties; the tie goes to fewer coefficients
+    assert fitted.loo_mape["linear_blocks_se_spill"] < 1e-6 < min(v for k, v in fitted.loo_mape.items() if "spill" not in k)
     assert Calibration.from_dict(json.loads(json.dumps(fitted.to_dict()))) == fitted
     table = LatencyTable.load(TINY_TABLE)  # the memoised fast path applies the same terms
     table.calibration = dataclasses.replace(fitted, cache_mb=0.01)  # tiny.yaml's networks hold ~0.02-0.1 MB
@@ -538,6 +541,26 @@ def test_calibration_finds_the_cache_networks_spill_beyond():
         spilled += spilled_share(sum(terms_now.weight_bytes), 0.01) > 0
         assert table.predict(arch) == pytest.approx(table.calibration.apply(terms_now))
     assert spilled >= 10
+
+
+def test_calibration_finds_a_second_smaller_cache():
+    """As above, plus networks that fit a 0.5 MB cache saving 2 us per lookup: spill2 finds both caches."""
+    from nas.latency.table import spilled_share
+
+    rng = np.random.default_rng(3)
+    terms = [t for mb in np.geomspace(0.1, 20, 50) for t in _terms(rng, 1, mb)]
+    archs = sample_archs(load_space(ROOT / "search_spaces" / "tiny.yaml"), 50, seed=0)
+
+    def timed(t):
+        w = sum(t.weight_bytes)
+        return (t.raw_ms - 0.003 * t.lookups + spilled_share(w, 0.5) * 0.002 * t.lookups
+                + spilled_share(w, 2) * (0.01 * t.lookups + 0.005 * w / 1e6) + 0.02)
+
+    fitted = Calibration.fit(archs, terms, [timed(t) for t in terms], seed=0)
+    assert (fitted.name, fitted.cache_mb, fitted.near_cache_mb) == ("linear_blocks_se_spill2", 2, 0.5)
+    assert fitted.coef == pytest.approx((1.0, -0.003, 0.0, 0.002, 0.01, 0.005, 0.02), abs=1e-9)
+    assert fitted.loo_mape["linear_blocks_se_spill2"] < 1e-6 < fitted.loo_mape["linear_blocks_se_spill"]
+    assert Calibration.from_dict(json.loads(json.dumps(fitted.to_dict()))) == fitted
 
 
 # --- the shipped tiny table ---------------------------------------------------------------------

@@ -18,7 +18,9 @@ because a block timed alone differs from the same block inside a network in thre
 On some CPUs (a 2-core Xeon VM with a 2 MB L2 per core) a streamed block does not overlap its reads
 with its arithmetic: each block of a network whose weights outgrow the cache costs a fixed amount
 more, plus a little per byte. The ``spill`` model adds those as terms of their own, the spilled
-share of lookups and of megabytes, with the cache size fitted over a grid.
+share of lookups and of megabytes, with the cache size fitted over a grid. ``spill2`` adds the
+share of lookups beyond a second, smaller cache: networks under ~1 MB of weights ran faster still,
+and the one-cache model over-predicted them by 16%.
 
 The candidates (raw sum, ``a*sum + b``, ``+ c*lookups``, ``+ d*se_blocks``, each with and without
 streaming over a grid of cache sizes and bandwidths, and the spill model over its cache grid) are
@@ -82,9 +84,12 @@ CALIBRATION_MODELS: dict[str, tuple[str, ...]] = {
     "raw": (), "linear": ("one",), "linear_blocks": ("lookups", "one"),
     "linear_blocks_se": ("lookups", "se_blocks", "one"),
     "linear_blocks_se_spill": ("lookups", "se_blocks", "spilled_lookups", "spilled_mb", "one"),
+    "linear_blocks_se_spill2": ("lookups", "se_blocks", "near_spilled_lookups", "spilled_lookups", "spilled_mb", "one"),
 }
 # models whose spilled_* terms need a cache size (fitted over SPILL_GRID_MB, no bandwidth)
 SPILL_MODELS = frozenset(m for m, names in CALIBRATION_MODELS.items() if "spilled_mb" in names)
+# spill models with a second, smaller cache (``near_cache_mb``): networks that fit it run faster still
+NEAR_SPILL_MODELS = frozenset(m for m, names in CALIBRATION_MODELS.items() if "near_spilled_lookups" in names)
 # the weight cache and memory bandwidth that the streaming term is fitted over (None: no term)
 CACHE_GRID_MB: tuple[float | None, ...] = (None, 4, 8, 12, 16, 24, 32)
 BANDWIDTH_GRID_GBS = (10, 15, 20, 30, 40, 60)
@@ -147,15 +152,18 @@ def spilled_share(weight_bytes: int, cache_mb: float | None) -> float:
     return 1 - cache_mb * 1e6 / weight_bytes
 
 
-def term_values(lookups: int, se_blocks: int, weight_bytes: int, spill_mb: float | None) -> dict[str, float]:
+def term_values(lookups: int, se_blocks: int, weight_bytes: int, spill_mb: float | None,
+                near_spill_mb: float | None = None) -> dict[str, float]:
     """Every calibration term of one network, by the names ``CALIBRATION_MODELS`` uses."""
     share = spilled_share(weight_bytes, spill_mb)
     return {"lookups": lookups, "se_blocks": se_blocks, "spilled_lookups": share * lookups,
+            "near_spilled_lookups": spilled_share(weight_bytes, near_spill_mb) * lookups,
             "spilled_mb": share * weight_bytes / 1e6, "one": 1.0}
 
 
-def _design(model: str, sums: np.ndarray, terms: list[NetworkTerms], spill_mb: float | None = None) -> np.ndarray:
-    rows = [term_values(t.lookups, t.se_blocks, sum(t.weight_bytes), spill_mb) for t in terms]
+def _design(model: str, sums: np.ndarray, terms: list[NetworkTerms], spill_mb: float | None = None,
+            near_spill_mb: float | None = None) -> np.ndarray:
+    rows = [term_values(t.lookups, t.se_blocks, sum(t.weight_bytes), spill_mb, near_spill_mb) for t in terms]
     return np.column_stack([sums, *(np.array([r[name] for r in rows]) for name in CALIBRATION_MODELS[model])])
 
 
@@ -189,6 +197,7 @@ class Calibration:
     rows: tuple[dict[str, Any], ...]  # per network: arch, key, raw_ms, lookups, measured_ms, predicted_ms, error_pct
     cache_mb: float | None = None
     bandwidth_gbs: float | None = None
+    near_cache_mb: float | None = None  # spill2: the smaller cache, below ``cache_mb``
 
     @property
     def name(self) -> str:
@@ -198,7 +207,7 @@ class Calibration:
     def combine(self, block_sum: float, lookups: int, se_blocks: int, weight_bytes: int) -> float:
         if self.model == "raw":
             return block_sum
-        values = term_values(lookups, se_blocks, weight_bytes, self.cache_mb)
+        values = term_values(lookups, se_blocks, weight_bytes, self.cache_mb, self.near_cache_mb)
         return self.coef[0] * block_sum + sum(c * values[name] for c, name in zip(self.coef[1:], CALIBRATION_MODELS[self.model]))
 
     def apply(self, terms: NetworkTerms) -> float:
@@ -220,12 +229,14 @@ class Calibration:
         uses it to show what each term is worth on held-out networks.
         """
         m = np.asarray(measured, dtype=float)
-        settings = [(None, None)] + [(c, b) for c in CACHE_GRID_MB if c is not None for b in BANDWIDTH_GRID_GBS]
-        settings += [(c, None) for c in SPILL_GRID_MB]
-        candidates = []  # (loo, coefficients, streaming, model, cache, bandwidth)
-        for cache, bandwidth in settings:
+        settings = [(None, None, None)] + [(c, b, None) for c in CACHE_GRID_MB if c is not None for b in BANDWIDTH_GRID_GBS]
+        settings += [(c, None, None) for c in SPILL_GRID_MB]
+        settings += [(c, None, near) for c in SPILL_GRID_MB for near in SPILL_GRID_MB if near < c]
+        candidates = []  # (loo, coefficients, streaming, model, cache, bandwidth, near cache)
+        for cache, bandwidth, near in settings:
             streaming, spill = bandwidth is not None, cache is not None and bandwidth is None
             models = [model for model in CALIBRATION_MODELS if (model in SPILL_MODELS) == spill
+                      and (model in NEAR_SPILL_MODELS) == (near is not None)
                       and (only is None or only == candidate_name(model, streaming))]
             if not models:
                 continue  # none of this setting's candidates is wanted: skip its block sums
@@ -233,23 +244,23 @@ class Calibration:
             for model in models:
                 if model == "raw":
                     if not streaming:
-                        candidates.append((float(np.mean(np.abs(sums - m) / m) * 100), 0, 0, model, None, None))
+                        candidates.append((float(np.mean(np.abs(sums - m) / m) * 100), 0, 0, model, None, None, None))
                     continue
                 names = CALIBRATION_MODELS[model]
                 if len(m) < len(names) + 3:  # leave-one-out needs a point beyond a determined fit
                     continue
-                loo = _loo_mape(_design(model, sums, terms, cache), m)
-                candidates.append((loo, len(names) + 1, streaming, model, cache, bandwidth))
+                loo = _loo_mape(_design(model, sums, terms, cache, near), m)
+                candidates.append((loo, len(names) + 1, streaming, model, cache, bandwidth, near))
         if not candidates:
             raise NasError(f"no calibration candidate {only!r} can be fitted to {len(m)} networks")
         loo_mape: dict[str, float] = {}
-        for loo, _, streaming, model, _, _ in candidates:
+        for loo, _, streaming, model, *_ in candidates:
             name = candidate_name(model, streaming)
             loo_mape[name] = min(loo_mape.get(name, math.inf), loo)
-        _, _, _, model, cache, bandwidth = min(candidates, key=lambda c: (round(c[0], 6), c[1], c[2]))
+        _, _, _, model, cache, bandwidth, near = min(candidates, key=lambda c: (round(c[0], 6), c[1], c[2]))
         sums = np.array([t.block_sum(cache, bandwidth) for t in terms])
-        coef = tuple(float(c) for c in _fit(_design(model, sums, terms, cache), m)) if model != "raw" else ()
-        fitted = cls(model, coef, seed, loo_mape, (), cache, bandwidth)
+        coef = tuple(float(c) for c in _fit(_design(model, sums, terms, cache, near), m)) if model != "raw" else ()
+        fitted = cls(model, coef, seed, loo_mape, (), cache, bandwidth, near)
         rows = []
         for arch, t, mi in zip(archs, terms, m):
             predicted = fitted.apply(t)
@@ -260,8 +271,8 @@ class Calibration:
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "coef": list(self.coef), "cache_mb": self.cache_mb,
-                "bandwidth_gbs": self.bandwidth_gbs, "seed": self.seed, "loo_mape": self.loo_mape,
-                "rows": list(self.rows)}
+                "bandwidth_gbs": self.bandwidth_gbs, "near_cache_mb": self.near_cache_mb, "seed": self.seed,
+                "loo_mape": self.loo_mape, "rows": list(self.rows)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<memory>") -> "Calibration":
@@ -269,7 +280,7 @@ class Calibration:
         try:
             model, coef = data["model"], tuple(float(c) for c in data["coef"])
             calibration = cls(model, coef, int(data["seed"]), dict(data["loo_mape"]), tuple(data["rows"]),
-                              data.get("cache_mb"), data.get("bandwidth_gbs"))
+                              data.get("cache_mb"), data.get("bandwidth_gbs"), data.get("near_cache_mb"))
         except KeyError as exc:
             raise NasError(f"{source}: calibration lacks {exc.args[0]!r}; rebuild the table with "
                            "python scripts/build_lut.py") from None
@@ -286,6 +297,11 @@ class Calibration:
             raise NasError(f"{source}: calibration model {model!r} with 'cache_mb' {calibration.cache_mb} and "
                            f"'bandwidth_gbs' {calibration.bandwidth_gbs}: a spill model sets only 'cache_mb', "
                            "streaming sets both, the others neither; rebuild the table with python scripts/build_lut.py")
+        near = calibration.near_cache_mb
+        if (near is not None) != (model in NEAR_SPILL_MODELS) or (near is not None and not near < calibration.cache_mb):
+            raise NasError(f"{source}: calibration model {model!r} with 'near_cache_mb' {near} and 'cache_mb' "
+                           f"{calibration.cache_mb}: only a spill2 model sets 'near_cache_mb', below 'cache_mb'; "
+                           "rebuild the table with python scripts/build_lut.py")
         return calibration
 
 
