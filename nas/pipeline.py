@@ -162,7 +162,7 @@ class MainJob:
                  f"{self.target.threads} thread(s))")
         for cand, m in zip(candidates, measure_archs([c.arch for c in candidates], self.target,
                                                      num_classes=self.data.num_classes)):
-            cand.latency_ms, cand.latency_spread = m.median_ms, m.spread
+            cand.latency_ms, cand.latency_spread = m.ms, m.spread
 
     def train(self, cand: Candidate, fidelity: Fidelity, return_model: bool = False):
         from nas.train import train_candidate

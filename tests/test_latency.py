@@ -125,8 +125,8 @@ def test_sessions_interleave_and_disagreeing_ones_retry(monkeypatch):
     monkeypatch.setattr(measure, "_time_session", fake_session)
     result = measure_models([0, 1], get_target("cpu"), Protocol(sessions=3, retries=1, spread_tol=0.1, reference=False))
     assert calls == [0, 1, 0, 1, 0, 1, 1, 1, 1]
-    assert result[0].sessions_ms == (1.0, 1.02, 1.01) and result[0].median_ms == 1.0
-    assert result[1].median_ms == 2.0 and len(result[1].sessions_ms) == 6
+    assert result[0].sessions_ms == (1.0, 1.02, 1.01) and result[0].ms == 1.0
+    assert result[1].ms == 2.0 and len(result[1].sessions_ms) == 6
     assert result[1].stable and result[1].spread == pytest.approx(0.005, rel=1e-6)
     assert result[0].count == 12
 
@@ -135,7 +135,19 @@ def test_median_aggregate_and_unstable_flag(monkeypatch):
     medians = iter([1.0, 2.0, 4.0])
     monkeypatch.setattr(measure, "_time_session", lambda t, m, p: np.full(3, round(next(medians) * 1e6)))
     (m,) = measure_models([0], get_target("cpu"), Protocol(sessions=3, retries=0, aggregate="median", reference=False))
-    assert m.median_ms == 2.0 and m.spread == 3.0 and not m.stable
+    assert m.ms == 2.0 and m.median_ms == 1.0 and m.spread == 3.0 and not m.stable
+
+
+def test_fastest_aggregate_takes_the_fastest_run_and_checks_session_minimums(monkeypatch):
+    # two sessions whose medians disagree by 50% (a slow spell in the second) but whose fastest runs agree
+    runs = iter([[1.0, 1.1, 1.2, 5.0], [1.02, 1.6, 1.8, 1.9]])
+    monkeypatch.setattr(measure, "_time_session", lambda t, m, p: np.array(next(runs)) * 1e6)
+    (m,) = measure_models([0], get_target("cpu"), Protocol(sessions=2, retries=0, reference=False))
+    assert m.ms == 1.0 and m.median_ms == 1.15 and m.sessions_ms == (1.0, 1.02)
+    assert m.spread == pytest.approx(0.02) and m.stable
+    runs = iter([[1.0, 1.1, 1.2, 5.0], [1.02, 1.6, 1.8, 1.9]])
+    (m,) = measure_models([0], get_target("cpu"), Protocol(sessions=2, retries=0, reference=False, aggregate="min"))
+    assert m.ms == m.median_ms == 1.15 and m.spread == pytest.approx(0.55 / 1.15) and not m.stable
 
 
 class _ScriptedMonitor:
@@ -157,19 +169,21 @@ def test_busy_round_marks_its_sessions(monkeypatch, medians, slowdown, stable):
     monkeypatch.setattr(measure, "_time_session", lambda t, m, p: np.full(3, round(next(values) * 1e6)))
     monitor = _ScriptedMonitor([0.0, 0.01, 0.3, 0.02])  # round 1 quiet, round 2 busy at its start
     (m,) = measure_models([0], get_target("cpu"), Protocol(sessions=2, retries=0), monitor)
-    assert (m.median_ms, m.slowdown, m.stable) == (min(medians), slowdown, stable)
+    assert (m.ms, m.slowdown, m.stable) == (min(medians), slowdown, stable)
 
 
 def test_measure_archs_measures_unstable_ones_again(micro, monkeypatch):
     def result(ms, stable):
-        return Measurement(ms, ms, ms, 3, (ms,), 0.0, 0.0 if stable else 0.5, stable)
+        return Measurement(ms, ms, ms, ms, 3, (ms,), 0.0, 0.0 if stable else 0.5, stable)
 
     rounds = iter([[result(2.0, False), result(1.0, True)], [result(1.5, True)]])
     calls = []
     monkeypatch.setattr(measure, "measure_models", lambda models, *a: calls.append(len(models)) or next(rounds))
     first, second = measure_archs(sample_archs(micro, 2, seed=0), get_target("cpu"), FAST, num_classes=10)
-    assert calls == [2, 1] and (first.median_ms, first.stable) == (1.5, True) and second.median_ms == 1.0
-    assert faster(result(1.0, False), result(1.2, True)).median_ms == 1.0  # noise only adds time
+    assert calls == [2, 1] and (first.ms, first.stable) == (1.5, True) and second.ms == 1.0
+    # noise only adds time, and a stable repeat that is no faster vouches for the faster figure
+    kept = faster(result(1.0, False), result(1.2, True))
+    assert (kept.ms, kept.stable) == (1.0, True) and not faster(result(1.0, False), result(1.2, False)).stable
 
 
 def test_real_measurement_statistics(micro):
@@ -180,7 +194,7 @@ def test_real_measurement_statistics(micro):
     models = [export_onnx(arch, num_classes=10) for arch in archs]
     for m in measure_models(models, get_target("cpu"), protocol, monitor):
         assert m.count == 10 and len(m.sessions_ms) == 2 and m.slowdown >= 0
-        assert 0 < m.p10_ms <= m.p90_ms and m.median_ms == min(m.sessions_ms)
+        assert 0 < m.ms <= m.p10_ms <= m.median_ms <= m.p90_ms and m.ms == min(m.sessions_ms)
         assert Measurement.from_dict(json.loads(json.dumps(m.to_dict()))) == m
 
 
@@ -273,7 +287,7 @@ def test_build_covers_every_context_and_round_trips(micro_table, micro, tmp_path
 def test_prediction_is_calibrated_sum_of_entries(micro_table, micro):
     for arch in sample_archs(micro, 8, seed=3):
         specs, head = resolve(arch, 10)
-        raw = sum(micro_table.entries[s.key]["median_ms"] for s in specs) + micro_table.entries[head.key]["median_ms"]
+        raw = sum(micro_table.entries[s.key]["ms"] for s in specs) + micro_table.entries[head.key]["ms"]
         assert micro_table.predict_raw(arch) == (pytest.approx(raw), len(specs) + 1)
         terms = micro_table.terms(arch)
         assert (terms.raw_ms, terms.lookups, terms.se_blocks) == (pytest.approx(raw), len(specs) + 1, 0)
@@ -361,8 +375,11 @@ def test_load_rejects_non_tables(tmp_path):
     with pytest.raises(NasError, match="no such latency table"):
         LatencyTable.load(tmp_path / "none.json")
     (tmp_path / "bad.json").write_text('{"schema": 99}')
-    with pytest.raises(NasError, match="not a latency table of schema 1"):
+    with pytest.raises(NasError, match="not a latency table of schema 2"):
         LatencyTable.load(tmp_path / "bad.json")
+    (tmp_path / "old.json").write_text('{"schema": 1, "metadata": {}, "entries": {}}')  # median-based entries
+    with pytest.raises(NasError, match=r"old.json: .*found schema 1\); rebuild it with python scripts/build_lut.py"):
+        LatencyTable.load(tmp_path / "old.json")
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -376,7 +393,7 @@ def test_load_rejects_non_tables(tmp_path):
      r"model 'linear_blocks_se_spill' with 'cache_mb' None"),
     (lambda d: d["calibration"].update(model="linear_blocks_se_spill2", coef=[1.0] * 7, cache_mb=2, bandwidth_gbs=None,
                                        near_cache_mb=4), r"'near_cache_mb' 4 and 'cache_mb' 2: only a spill2 model"),
-    (lambda d: d["entries"].update(stem={"p10_ms": 1.0}), r"entry 'stem' lacks a numeric 'median_ms'"),
+    (lambda d: d["entries"].update(stem={"p10_ms": 1.0}), r"entry 'stem' lacks a numeric 'ms'"),
 ])
 def test_load_rejects_a_malformed_calibration_or_entry(edit, message, tmp_path):
     """A hand-edited table fails on loading with the file and the key, not with a KeyError at predict time."""
@@ -410,7 +427,7 @@ def test_interrupted_build_resumes(tmp_path, monkeypatch):
     assert sum(measured) == len(keys) - 100 + 4  # the remaining entries, then the calibration networks
     assert set(table.entries) == keys
     for record in first:  # kept, not measured again
-        assert table.entries[record["entry"]]["median_ms"] == round(record["m"]["median_ms"], 6)
+        assert table.entries[record["entry"]]["ms"] == round(record["m"]["ms"], 6)
     assert not sidecar.exists()
 
 
@@ -449,9 +466,9 @@ def test_build_script_resumes_after_ctrl_c(tmp_path):
     assert len(table["entries"]) == total and not sidecar.exists()
     for key, m in before.items():  # kept; a later pass over unstable entries may only have found faster
         if m["stable"]:
-            assert table["entries"][key]["median_ms"] == round(m["median_ms"], 6)
+            assert table["entries"][key]["ms"] == round(m["ms"], 6)
         else:
-            assert table["entries"][key]["median_ms"] <= round(m["median_ms"], 6)
+            assert table["entries"][key]["ms"] <= round(m["ms"], 6)
 
 
 def test_resume_refuses_other_settings_and_existing_table(micro, micro_table, tmp_path):
@@ -512,10 +529,22 @@ def test_calibration_finds_the_cache_networks_stream_beyond():
     assert max(abs(row["error_pct"]) for row in fitted.rows) < 1e-6
 
 
+def test_spilled_terms_charge_a_block_only_what_it_did_not_miss_alone():
+    """A 0.5 MB and a 3 MB block beyond a 2 MB cache: the network misses 1 - 2/3.5 = 3/7 of its weights;
+    the small block is charged all of that, the big one 3/7 - (1 - 2/3) = 2/21 (it missed 1/3 alone)."""
+    from nas.latency.table import spilled_terms
+
+    lookups, mb = spilled_terms(2, 3_500_000, [500_000, 3_000_000], 2)
+    assert lookups == pytest.approx(3 / 7 + 2 / 21) and mb == pytest.approx(3 / 7 * 0.5 + 2 / 21 * 3)
+    assert spilled_terms(2, 3_500_000, [3_000_000], 2) == (lookups, mb)  # blocks under the cache may be left out
+    assert spilled_terms(2, 1_900_000, [1_400_000, 500_000], 2) == (0.0, 0.0)  # the network fits
+    assert spilled_terms(3, 6_000_000, [2_000_000] * 3, 1) == pytest.approx((3 * (1 / 2 - 1 / 6), 3 * 2 * (1 / 3)))
+
+
 def test_calibration_finds_the_cache_networks_spill_beyond():
     """Networks of 0.2-20 MB of weights, timed as if each lookup beyond a 1.5 MB cache cost 10 us more
     and each spilled MB 5 us: the spill model is chosen with that cache and its coefficients."""
-    from nas.latency.table import SPILL_GRID_MB, spilled_share
+    from nas.latency.table import SPILL_GRID_MB, spilled_share, spilled_terms
 
     rng = np.random.default_rng(2)
     terms = [t for mb in np.geomspace(0.2, 20, 40) for t in _terms(rng, 1, mb)]
@@ -523,8 +552,10 @@ def test_calibration_finds_the_cache_networks_spill_beyond():
     assert 1.5 in SPILL_GRID_MB and spilled_share(1_000_000, 1.5) == 0 < spilled_share(2_000_000, 1.5) == 0.25
 
     def timed(t):
-        share = spilled_share(sum(t.weight_bytes), 1.5)
-        return t.raw_ms - 0.003 * t.lookups + 0.001 * t.se_blocks + share * (0.01 * t.lookups + 0.005 * sum(t.weight_bytes) / 1e6) + 0.02
+        lookups, mb = spilled_terms(t.lookups, sum(t.weight_bytes), t.weight_bytes, 1.5)
+        return t.raw_ms - 0.003 * t.lookups + 0.001 * t.se_blocks + 0.01 * lookups + 0.005 * mb + 0.02
+
+    assert any(max(t.weight_bytes) > 1.5e6 for t in terms)  # blocks that spill alone are in the mix
 
     fitted = Calibration.fit(archs, terms, [timed(t) for t in terms], seed=0)
     assert (fitted.name, fitted.cache_mb, fitted.bandwidth_gbs) == ("linear_blocks_se_spill", 1.5, None)
@@ -545,7 +576,7 @@ def test_calibration_finds_the_cache_networks_spill_beyond():
 
 def test_calibration_finds_a_second_smaller_cache():
     """As above, plus networks that fit a 0.5 MB cache saving 2 us per lookup: spill2 finds both caches."""
-    from nas.latency.table import spilled_share
+    from nas.latency.table import spilled_terms
 
     rng = np.random.default_rng(3)
     terms = [t for mb in np.geomspace(0.1, 20, 50) for t in _terms(rng, 1, mb)]
@@ -553,8 +584,9 @@ def test_calibration_finds_a_second_smaller_cache():
 
     def timed(t):
         w = sum(t.weight_bytes)
-        return (t.raw_ms - 0.003 * t.lookups + spilled_share(w, 0.5) * 0.002 * t.lookups
-                + spilled_share(w, 2) * (0.01 * t.lookups + 0.005 * w / 1e6) + 0.02)
+        lookups, mb = spilled_terms(t.lookups, w, t.weight_bytes, 2)
+        return (t.raw_ms - 0.003 * t.lookups + spilled_terms(t.lookups, w, t.weight_bytes, 0.5)[0] * 0.002
+                + 0.01 * lookups + 0.005 * mb + 0.02)
 
     fitted = Calibration.fit(archs, terms, [timed(t) for t in terms], seed=0)
     assert (fitted.name, fitted.cache_mb, fitted.near_cache_mb) == ("linear_blocks_se_spill2", 2, 0.5)

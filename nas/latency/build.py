@@ -177,8 +177,9 @@ class _Measurer:
 
 
 def _entry_dict(m: Measurement) -> dict[str, Any]:
-    return {"median_ms": round(m.median_ms, 6), "p10_ms": round(m.p10_ms, 6), "p90_ms": round(m.p90_ms, 6),
-            "count": m.count, "spread": round(m.spread, 4), "slowdown": round(m.slowdown, 4), "stable": m.stable}
+    return {"ms": round(m.ms, 6), "median_ms": round(m.median_ms, 6), "p10_ms": round(m.p10_ms, 6),
+            "p90_ms": round(m.p90_ms, 6), "count": m.count, "spread": round(m.spread, 4),
+            "slowdown": round(m.slowdown, 4), "stable": m.stable}
 
 
 def build_table(
@@ -243,7 +244,7 @@ def build_table(
     if archs:
         uncalibrated = LatencyTable(settings, entries, None, str(out))
         calibration = Calibration.fit(list(archs.values()), [uncalibrated.terms(arch) for arch in archs.values()],
-                                      [partial.done["calibration"][name].median_ms for name in names], calibration_seed)
+                                      [partial.done["calibration"][name].ms for name in names], calibration_seed)
 
     unstable = sum(not entry["stable"] for entry in entries.values())
     if unstable:

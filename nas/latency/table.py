@@ -18,9 +18,11 @@ because a block timed alone differs from the same block inside a network in thre
 On some CPUs (a 2-core Xeon VM with a 2 MB L2 per core) a streamed block does not overlap its reads
 with its arithmetic: each block of a network whose weights outgrow the cache costs a fixed amount
 more, plus a little per byte. The ``spill`` model adds those as terms of their own, the spilled
-share of lookups and of megabytes, with the cache size fitted over a grid. ``spill2`` adds the
-share of lookups beyond a second, smaller cache: networks under ~1 MB of weights ran faster still,
-and the one-cache model over-predicted them by 16%.
+share of lookups and of megabytes, with the cache size fitted over a grid. A block is charged only
+the share it misses in the network beyond the share it already missed alone (``spilled_terms``): a
+block whose own weights outgrow the cache paid for them in its entry. ``spill2`` adds the share of
+lookups beyond a second, smaller cache: networks under ~1 MB of weights ran faster still, and the
+one-cache model over-predicted them by 16%.
 
 The candidates (raw sum, ``a*sum + b``, ``+ c*lookups``, ``+ d*se_blocks``, each with and without
 streaming over a grid of cache sizes and bandwidths, and the spill model over its cache grid) are
@@ -30,13 +32,14 @@ compared by leave-one-out error on the calibration networks; the lowest wins, ti
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -47,7 +50,8 @@ from nas.errors import NasError, NasWarning
 from nas.latency.targets import Target, cpu_model
 from nas.latency.traffic import head_weight_bytes, weight_bytes
 
-SCHEMA = 1
+# 2: entries predict from 'ms', the protocol's aggregate (the fastest run by default), not 'median_ms'
+SCHEMA = 2
 TABLES_DIR = Path("latency_tables")
 # the reference block's best time is compared, not a network's: on one shared VM it read 0.017-0.025 ms
 # within an hour while whole networks kept their speed, and 0.041 ms a week earlier when they ran 2x slower
@@ -152,19 +156,50 @@ def spilled_share(weight_bytes: int, cache_mb: float | None) -> float:
     return 1 - cache_mb * 1e6 / weight_bytes
 
 
-def term_values(lookups: int, se_blocks: int, weight_bytes: int, spill_mb: float | None,
-                near_spill_mb: float | None = None) -> dict[str, float]:
-    """Every calibration term of one network, by the names ``CALIBRATION_MODELS`` uses."""
-    share = spilled_share(weight_bytes, spill_mb)
-    return {"lookups": lookups, "se_blocks": se_blocks, "spilled_lookups": share * lookups,
-            "near_spilled_lookups": spilled_share(weight_bytes, near_spill_mb) * lookups,
-            "spilled_mb": share * weight_bytes / 1e6, "one": 1.0}
+def spilled_terms(lookups: int, total_bytes: int, block_bytes: Iterable[int],
+                  cache_mb: float | None) -> tuple[float, float]:
+    """(spilled lookups, spilled MB) of a network of ``lookups`` blocks and ``total_bytes`` of weights.
+
+    Each block is charged the share of its weights it misses in the network, ``spilled_share(total)``,
+    beyond the share it misses alone, ``spilled_share(its own bytes)``, which its entry already paid
+    for: a block that fits the cache is charged the network's whole share, a block of more than the
+    cache only what the others' weights add (on mnasnet.yaml, networks with one 2.5-7 MB block were
+    over-predicted by 13-23% when every block was charged the whole share). ``block_bytes`` must
+    hold every block larger than the cache; smaller ones may be left out.
+    """
+    if cache_mb is None or total_bytes <= cache_mb * 1e6:
+        return 0.0, 0.0
+    cache = cache_mb * 1e6
+    share = 1 - cache / total_bytes
+    big = big_bytes = inverse = 0.0
+    for b in block_bytes:
+        if b > cache:  # charged share - (1 - cache / b) per lookup, times b per byte
+            big += 1
+            big_bytes += b
+            inverse += 1 / b
+    spilled_lookups = share * (lookups - big) + cache * inverse - big * cache / total_bytes
+    spilled_bytes = share * (total_bytes - big_bytes) + big * cache - cache * big_bytes / total_bytes
+    return spilled_lookups, spilled_bytes / 1e6
+
+
+def term_values(model: str, lookups: int, se_blocks: int, total_bytes: int, block_bytes: Sequence[int],
+                spill_mb: float | None, near_spill_mb: float | None = None) -> list[float]:
+    """The terms ``model`` fits (``CALIBRATION_MODELS[model]``, in order) of one network; ``block_bytes``
+    as ``spilled_terms`` takes them."""
+    names = CALIBRATION_MODELS[model]
+    values = {"lookups": lookups, "se_blocks": se_blocks, "one": 1.0}
+    if "spilled_mb" in names:
+        values["spilled_lookups"], values["spilled_mb"] = spilled_terms(lookups, total_bytes, block_bytes, spill_mb)
+        if "near_spilled_lookups" in names:
+            values["near_spilled_lookups"] = spilled_terms(lookups, total_bytes, block_bytes, near_spill_mb)[0]
+    return [values[name] for name in names]
 
 
 def _design(model: str, sums: np.ndarray, terms: list[NetworkTerms], spill_mb: float | None = None,
             near_spill_mb: float | None = None) -> np.ndarray:
-    rows = [term_values(t.lookups, t.se_blocks, sum(t.weight_bytes), spill_mb, near_spill_mb) for t in terms]
-    return np.column_stack([sums, *(np.array([r[name] for r in rows]) for name in CALIBRATION_MODELS[model])])
+    rows = [term_values(model, t.lookups, t.se_blocks, sum(t.weight_bytes), t.weight_bytes, spill_mb, near_spill_mb)
+            for t in terms]
+    return np.column_stack([sums, np.array(rows).reshape(len(terms), -1)])
 
 
 def _fit(design: np.ndarray, measured: np.ndarray) -> np.ndarray:
@@ -199,20 +234,29 @@ class Calibration:
     bandwidth_gbs: float | None = None
     near_cache_mb: float | None = None  # spill2: the smaller cache, below ``cache_mb``
 
+    @functools.cached_property
+    def smallest_cache_bytes(self) -> float:
+        """Blocks above it are the ones ``spilled_terms`` must see; inf without spill terms."""
+        caches = [c for c in (self.cache_mb, self.near_cache_mb) if c is not None] if self.model in SPILL_MODELS else []
+        return min(caches) * 1e6 if caches else math.inf
+
     @property
     def name(self) -> str:
         """The chosen candidate, as ``loo_mape`` names it."""
         return candidate_name(self.model, self.bandwidth_gbs is not None)
 
-    def combine(self, block_sum: float, lookups: int, se_blocks: int, weight_bytes: int) -> float:
+    def combine(self, block_sum: float, lookups: int, se_blocks: int, total_bytes: int,
+                block_bytes: Sequence[int]) -> float:
+        """Predicted ms from a network's terms (``block_bytes`` as ``spilled_terms`` takes them)."""
         if self.model == "raw":
             return block_sum
-        values = term_values(lookups, se_blocks, weight_bytes, self.cache_mb, self.near_cache_mb)
-        return self.coef[0] * block_sum + sum(c * values[name] for c, name in zip(self.coef[1:], CALIBRATION_MODELS[self.model]))
+        values = term_values(self.model, lookups, se_blocks, total_bytes, block_bytes, self.cache_mb,
+                             self.near_cache_mb)
+        return self.coef[0] * block_sum + sum(c * v for c, v in zip(self.coef[1:], values))
 
     def apply(self, terms: NetworkTerms) -> float:
         return self.combine(terms.block_sum(self.cache_mb, self.bandwidth_gbs), terms.lookups, terms.se_blocks,
-                            sum(terms.weight_bytes))
+                            sum(terms.weight_bytes), terms.weight_bytes)
 
     @property
     def arch_keys(self) -> frozenset[str]:
@@ -317,7 +361,7 @@ class LatencyTable:
         self.entries = entries
         self.calibration = calibration
         self.source = source
-        self._ms = {key: entry["median_ms"] for key, entry in entries.items()}
+        self._ms = {key: entry["ms"] for key, entry in entries.items()}
         # (layer, (in_ch, size)) -> (ms, weight bytes, has SE, (out_ch, out_size)): resolving a layer
         # costs far more than this lookup, and a space has few distinct layer contexts; likewise heads
         self._layers: dict[tuple, tuple[float, tuple[int, int]]] = {}
@@ -386,7 +430,8 @@ class LatencyTable:
     def from_dict(cls, data: Any, source: str = "<memory>") -> "LatencyTable":
         if not isinstance(data, dict) or data.get("schema") != SCHEMA:
             found = data.get("schema") if isinstance(data, dict) else type(data).__name__
-            raise NasError(f"{source}: not a latency table of schema {SCHEMA} (found schema {found!r})")
+            raise NasError(f"{source}: not a latency table of schema {SCHEMA} (found schema {found!r}); "
+                           "rebuild it with python scripts/build_lut.py --fresh")
         for field in ("metadata", "entries"):
             if not isinstance(data.get(field), dict):
                 raise NasError(f"{source}: latency table lacks its {field!r} mapping")
@@ -394,8 +439,8 @@ class LatencyTable:
             if field not in data["metadata"]:
                 raise NasError(f"{source}: latency table metadata lacks {field!r}")
         for key, entry in data["entries"].items():
-            if not isinstance(entry, dict) or not isinstance(entry.get("median_ms"), (int, float)):
-                raise NasError(f"{source}: entry {key!r} lacks a numeric 'median_ms'")
+            if not isinstance(entry, dict) or not isinstance(entry.get("ms"), (int, float)):
+                raise NasError(f"{source}: entry {key!r} lacks a numeric 'ms'")
         calibration = Calibration.from_dict(data["calibration"], source) if data.get("calibration") else None
         return cls(data["metadata"], data["entries"], calibration, source)
 
@@ -435,18 +480,24 @@ class LatencyTable:
         self._heads[arch.pool, arch.hidden, arch.hidden_act, num_classes, state] = (self.entry_ms(head.key),
                                                                                      head_weight_bytes(head))
 
-    def _summary(self, arch: Arch, num_classes: int) -> tuple[float, int, int]:
-        """(sum of entries, weight bytes, SE blocks) from the memo alone; a KeyError means a context not seen yet."""
+    def _summary(self, arch: Arch, num_classes: int, big_above: float) -> tuple[float, int, int, list[int]]:
+        """(sum of entries, weight bytes, SE blocks, the bytes of blocks over ``big_above`` bytes) from the
+        memo alone; a KeyError means a context not seen yet."""
         layers = self._layers
         total, nbytes, se = 0.0, 0, 0
+        big: list[int] = []
         state = (3, arch.resolution)
         for layer in arch.layers:
             ms, b, has_se, state = layers[layer, state]
             total += ms
             nbytes += b
             se += has_se
+            if b > big_above:
+                big.append(b)
         head_ms, head_bytes = self._heads[arch.pool, arch.hidden, arch.hidden_act, num_classes, state]
-        return total + head_ms, nbytes + head_bytes, se
+        if head_bytes > big_above:
+            big.append(head_bytes)
+        return total + head_ms, nbytes + head_bytes, se, big
 
     def _memo_streamed_sum(self, arch: Arch, num_classes: int, ms_per_byte: float) -> float:
         """``NetworkTerms.block_sum`` from the memo (filled by ``_memo_summary``), without resolving layers."""
@@ -460,12 +511,12 @@ class LatencyTable:
         head_ms, head_bytes = self._heads[arch.pool, arch.hidden, arch.hidden_act, num_classes, state]
         return total + max(head_ms, head_bytes * ms_per_byte)
 
-    def _memo_summary(self, arch: Arch, num_classes: int) -> tuple[float, int, int]:
+    def _memo_summary(self, arch: Arch, num_classes: int, big_above: float = math.inf) -> tuple[float, int, int, list[int]]:
         try:
-            return self._summary(arch, num_classes)
+            return self._summary(arch, num_classes, big_above)
         except KeyError:
             self._learn(arch, num_classes)
-            return self._summary(arch, num_classes)
+            return self._summary(arch, num_classes, big_above)
 
     def terms(self, arch: Arch, num_classes: int | None = None) -> NetworkTerms:
         """Each lookup's entry and weight bytes (stem to head) and the SE block count of ``arch``."""
@@ -485,14 +536,15 @@ class LatencyTable:
     def predict(self, arch: Arch, num_classes: int | None = None) -> float:
         """Predicted end-to-end latency in ms (``num_classes`` defaults to the table's)."""
         num_classes = num_classes or self.num_classes
-        raw, nbytes, se = self._memo_summary(arch, num_classes)
         calibration = self.calibration
+        raw, nbytes, se, big = self._memo_summary(arch, num_classes, calibration.smallest_cache_bytes
+                                                  if calibration else math.inf)
         if calibration is None:
             return raw
         ms_per_byte = streaming_ms_per_byte(nbytes, calibration.cache_mb, calibration.bandwidth_gbs)
         if ms_per_byte:  # per block, only for networks whose weights exceed the cache
             raw = self._memo_streamed_sum(arch, num_classes, ms_per_byte)
-        return calibration.combine(raw, len(arch.layers) + 1, se, nbytes)
+        return calibration.combine(raw, len(arch.layers) + 1, se, nbytes, big)
 
     def predict_many(self, archs: Iterable[Arch], num_classes: int | None = None) -> list[float]:
         return [self.predict(arch, num_classes) for arch in archs]

@@ -112,7 +112,7 @@ def validate_table(table: LatencyTable, space: SearchSpace, target: Target, n: i
                                  monitor=monitor, progress=bar.update)
     by_index = dict(zip(order, shuffled))
     measured = [by_index[i] for i in range(len(archs))]
-    anchors_now = [by_index[len(archs) + j].median_ms for j in range(len(anchors))]
+    anchors_now = [by_index[len(archs) + j].ms for j in range(len(anchors))]
     repeats = np.array([now / row["measured_ms"] for now, row in zip(anchors_now, anchors)])
     speed = float(np.median(repeats)) if anchors else None
     rows = []
@@ -120,12 +120,13 @@ def validate_table(table: LatencyTable, space: SearchSpace, target: Target, n: i
         cost = arch_cost(arch, num_classes)
         rows.append({
             "arch": arch.to_string(), "key": arch.key, "flops": cost.flops, "params": cost.params,
-            "predicted_ms": pred, "raw_ms": table.predict_raw(arch)[0], "measured_ms": m.median_ms,
-            "p10_ms": m.p10_ms, "p90_ms": m.p90_ms, "spread": m.spread, "slowdown": m.slowdown, "stable": m.stable,
-            "error_pct": (pred - m.median_ms) / m.median_ms * 100,
+            "predicted_ms": pred, "raw_ms": table.predict_raw(arch)[0], "measured_ms": m.ms,
+            "median_ms": m.median_ms, "p10_ms": m.p10_ms, "p90_ms": m.p90_ms, "spread": m.spread,
+            "slowdown": m.slowdown, "stable": m.stable,
+            "error_pct": (pred - m.ms) / m.ms * 100,
         })
         if speed:
-            rows[-1]["anchored_error_pct"] = (pred * speed - m.median_ms) / m.median_ms * 100
+            rows[-1]["anchored_error_pct"] = (pred * speed - m.ms) / m.ms * 100
     signed = np.array([r["error_pct"] for r in rows])
     errors = np.abs(signed)
     meas = [r["measured_ms"] for r in rows]
