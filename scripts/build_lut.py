@@ -14,7 +14,7 @@ import sys
 from nas.cli import ArgumentParser, add_target_arguments
 from nas.errors import exit_on_user_error
 from nas.latency.build import CALIBRATION_ARCHS, build_table, default_num_classes, estimate_build_seconds
-from nas.latency.measure import Protocol
+from nas.latency.measure import AGGREGATES, Protocol
 from nas.latency.table import default_table_path
 from nas.latency.targets import get_target
 from nas.space import load_space
@@ -27,6 +27,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, help="input resolution (default: the space's)")
     p.add_argument("--num-classes", type=int, help="classifier width (default 1000 at >= 224 px, else 10)")
     p.add_argument("--sessions", type=int, default=Protocol.sessions, help="measurement sessions per entry")
+    p.add_argument("--aggregate", choices=AGGREGATES, default=Protocol.aggregate,
+                   help="an entry's figure: the fastest run of all sessions, the best session median, or the median one")
     p.add_argument("--calibration-archs", type=int, default=CALIBRATION_ARCHS,
                    help=f"whole networks measured for calibration (default {CALIBRATION_ARCHS})")
     p.add_argument("--calibration-seed", type=int, default=0, help="random.Random seed of those networks")
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     space = load_space(args.space)
     resolution = args.resolution or space.resolution
     num_classes = args.num_classes or default_num_classes(resolution)
-    protocol = Protocol(sessions=args.sessions)
+    protocol = Protocol(sessions=args.sessions, aggregate=args.aggregate)
     if args.estimate:
         estimate = estimate_build_seconds(space, target, resolution=resolution, num_classes=num_classes,
                                           sample=args.estimate, protocol=protocol)
