@@ -79,7 +79,7 @@ class Protocol:
     sessions: int = 3  # sessions per model, interleaved round-robin over the models measured together
     # "fastest": the fastest run of all sessions; "min": the best session median; "median": the median one
     aggregate: str = "fastest"
-    spread_tol: float = 0.1  # session medians disagreeing by more than this (relative) ...
+    spread_tol: float = 0.1  # session figures disagreeing by more than this (relative) ...
     retries: int = 1  # ... trigger this many extra rounds of sessions
     reference: bool = True  # time a reference block around each round to detect a busy machine
 

@@ -511,7 +511,8 @@ class LatencyTable:
         head_ms, head_bytes = self._heads[arch.pool, arch.hidden, arch.hidden_act, num_classes, state]
         return total + max(head_ms, head_bytes * ms_per_byte)
 
-    def _memo_summary(self, arch: Arch, num_classes: int, big_above: float = math.inf) -> tuple[float, int, int, list[int]]:
+    def _memo_summary(self, arch: Arch, num_classes: int,
+                      big_above: float = math.inf) -> tuple[float, int, int, list[int]]:
         try:
             return self._summary(arch, num_classes, big_above)
         except KeyError:
