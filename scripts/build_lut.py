@@ -13,9 +13,10 @@ import sys
 
 from nas.cli import ArgumentParser, add_target_arguments
 from nas.errors import exit_on_user_error
-from nas.latency.build import CALIBRATION_ARCHS, build_table, default_num_classes, estimate_build_seconds
+from nas.latency.build import (CALIBRATION_ARCHS, build_table, default_num_classes, estimate_build_seconds,
+                               refit_calibration)
 from nas.latency.measure import AGGREGATES, Protocol
-from nas.latency.table import default_table_path
+from nas.latency.table import LatencyTable, default_table_path
 from nas.latency.targets import get_target
 from nas.space import load_space
 
@@ -33,6 +34,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"whole networks measured for calibration (default {CALIBRATION_ARCHS})")
     p.add_argument("--calibration-seed", type=int, default=0, help="random.Random seed of those networks")
     p.add_argument("--fresh", action="store_true", help="discard an unfinished build or an existing table")
+    p.add_argument("--refit", action="store_true",
+                   help="measure nothing: fit the calibration of the existing --out table again to the networks it keeps")
     p.add_argument("--estimate", type=int, metavar="N", help="only time N random entries and project the build time")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -53,6 +56,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(estimate))
         return 0
     out = args.out or default_table_path(space.name, resolution, target)
+    if args.refit:
+        old = LatencyTable.load(out)
+        before, table = old.calibration, refit_calibration(old)
+        table.save(out)
+        was = f" (was {before.name}, {before.loo_mape[before.name]:.2f}%)" if before else ""
+        print(f"refitted {out}: {_describe(table)}{was}")
+        return 0
     try:
         table = build_table(space, target, out, resolution=resolution, num_classes=num_classes, protocol=protocol,
                             calibration_archs=args.calibration_archs, calibration_seed=args.calibration_seed,
@@ -60,13 +70,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted: progress is kept in {out}.partial; run the same command to resume", file=sys.stderr)
         return 130
-    cal = table.calibration
-    streaming = "" if not cal or cal.cache_mb is None else f" (cache {cal.cache_mb} MB" + (
-        f", {cal.bandwidth_gbs} GB/s)" if cal.bandwidth_gbs is not None else ")")
-    fit = f"calibration {cal.name}{streaming} {[round(c, 5) for c in cal.coef]}, leave-one-out error " \
-          f"{cal.loo_mape[cal.name]:.2f}%" if cal else "no calibration"
-    print(f"wrote {out}: {len(table.entries)} entries, {fit}")
+    print(f"wrote {out}: {_describe(table)}")
     return 0
+
+
+def _describe(table: LatencyTable) -> str:
+    cal = table.calibration
+    if not cal:
+        return f"{len(table.entries)} entries, no calibration"
+    caches = [f"cache {cal.cache_mb} MB"] if cal.cache_mb is not None else []
+    caches += [f"near cache {cal.near_cache_mb} MB"] if cal.near_cache_mb is not None else []
+    caches += [f"{cal.bandwidth_gbs} GB/s"] if cal.bandwidth_gbs is not None else []
+    setting = f" ({', '.join(caches)})" if caches else ""
+    return (f"{len(table.entries)} entries, calibration {cal.name}{setting} {[round(c, 5) for c in cal.coef]}, "
+            f"leave-one-out error {cal.loo_mape[cal.name]:.2f}%")
 
 
 if __name__ == "__main__":

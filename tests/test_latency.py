@@ -384,7 +384,7 @@ def test_load_rejects_non_tables(tmp_path):
 
 @pytest.mark.parametrize("edit, message", [
     (lambda d: d["calibration"].update(model="quadratic"), r"calibration model 'quadratic' is not one of raw, linear"),
-    (lambda d: d["calibration"].update(coef=[1.0]), r"calibration 'coef' has 1 values, model '\w+' takes [2-7]"),
+    (lambda d: d["calibration"].update(coef=[1.0]), r"calibration 'coef' has 1 values, model '\w+' takes [2-9]"),
     (lambda d: d["calibration"].pop("seed"), r"calibration lacks 'seed'"),
     (lambda d: d["calibration"].update(coef="fast"), r"malformed calibration"),
     (lambda d: d["calibration"].update(model="linear", coef=[1.0, 0.0], cache_mb=8, bandwidth_gbs=None),
@@ -481,7 +481,8 @@ def test_resume_refuses_other_settings_and_existing_table(micro, micro_table, tm
 
 
 def _terms(rng, n, weight_mb=0.0):
-    """Random networks as the calibration sees them: 10-30 lookups of 0.01-0.3 ms, some SE blocks."""
+    """Random networks as the calibration sees them: 10-30 lookups of 0.01-0.3 ms, some SE blocks,
+    0.05-2 MB of activations around the blocks without SE."""
     from nas.latency.table import NetworkTerms
 
     out = []
@@ -489,7 +490,7 @@ def _terms(rng, n, weight_mb=0.0):
         lookups = int(rng.integers(10, 30))
         share = rng.dirichlet(np.ones(lookups))
         out.append(NetworkTerms(tuple(rng.uniform(0.01, 0.3, lookups)), tuple(int(b) for b in share * weight_mb * 1e6),
-                                int(rng.integers(0, lookups // 2))))
+                                int(rng.integers(0, lookups // 2)), int(rng.uniform(0.05, 2) * 1e6)))
     return out
 
 
@@ -593,6 +594,77 @@ def test_calibration_finds_a_second_smaller_cache():
     assert fitted.coef == pytest.approx((1.0, -0.003, 0.0, 0.002, 0.01, 0.005, 0.02), abs=1e-9)
     assert fitted.loo_mape["linear_blocks_se_spill2"] < 1e-6 < fitted.loo_mape["linear_blocks_se_spill"]
     assert Calibration.from_dict(json.loads(json.dumps(fitted.to_dict()))) == fitted
+
+
+@pytest.mark.parametrize("per_weight_mb, per_act_mb, model", [
+    (0.004, 0.0, "linear_blocks_se_spill2_weights"),
+    (0.0, -0.03, "linear_blocks_se_spill2_acts"),
+    (0.004, -0.03, "linear_blocks_se_spill2_weights_acts"),
+])
+def test_calibration_finds_weight_and_activation_terms(per_weight_mb, per_act_mb, model):
+    """The two-cache networks above, plus a cost per MB of weights and/or of plain-block activations:
+    the candidate with exactly those terms wins, with their coefficients (a zero term would tie, and
+    ties go to fewer coefficients)."""
+    from nas.latency.table import spilled_terms
+
+    rng = np.random.default_rng(4)
+    terms = [t for mb in np.geomspace(0.1, 20, 50) for t in _terms(rng, 1, mb)]
+    archs = sample_archs(load_space(ROOT / "search_spaces" / "tiny.yaml"), 50, seed=0)
+
+    def timed(t):
+        w = sum(t.weight_bytes)
+        lookups, mb = spilled_terms(t.lookups, w, t.weight_bytes, 2)
+        return (t.raw_ms - 0.003 * t.lookups + spilled_terms(t.lookups, w, t.weight_bytes, 0.5)[0] * 0.002
+                + 0.01 * lookups + 0.005 * mb + per_weight_mb * w / 1e6 + per_act_mb * t.plain_act_bytes / 1e6 + 0.02)
+
+    fitted = Calibration.fit(archs, terms, [timed(t) for t in terms], seed=0)
+    assert (fitted.name, fitted.cache_mb, fitted.near_cache_mb) == (model, 2, 0.5)
+    extra = [c for c in (per_weight_mb, per_act_mb) if c]
+    assert fitted.coef == pytest.approx((1.0, -0.003, 0.0, 0.002, 0.01, 0.005, *extra, 0.02), abs=1e-9)
+    assert fitted.loo_mape[model] < 1e-6 < fitted.loo_mape["linear_blocks_se_spill2"]
+    assert fitted.rows[0]["plain_act_mb"] == terms[0].plain_act_bytes / 1e6
+    assert Calibration.from_dict(json.loads(json.dumps(fitted.to_dict()))) == fitted
+
+
+def test_plain_activation_bytes_count_blocks_without_se():
+    from nas.blocks import BlockSpec
+    from nas.latency.traffic import plain_activation_bytes
+
+    mbconv = BlockSpec("ir", 16, 24, 96, 3, 2, 0, "relu", False, 8)  # 16x8x8 in, 24x4x4 out
+    assert plain_activation_bytes(mbconv) == 4 * (16 * 64 + 24 * 16)
+    assert plain_activation_bytes(dataclasses.replace(mbconv, se_ch=4)) == 0
+    table = LatencyTable.load(TINY_TABLE)
+    space = load_space(ROOT / "search_spaces" / "tiny.yaml")
+    for arch in sample_archs(space, 10, seed=5):
+        specs, _ = resolve(arch, table.num_classes)
+        assert table.terms(arch).plain_act_bytes == sum(plain_activation_bytes(s) for s in specs if not s.se_ch) > 0
+
+
+def test_refit_reproduces_the_calibration_from_the_networks_the_table_keeps(micro_table, micro, tmp_path, capsys,
+                                                                           monkeypatch):
+    """A table whose calibration was fitted otherwise (here: scaled coefficients) gets back exactly what
+    fitting its stored networks gives, entries untouched and nothing measured; without networks, one line."""
+    from nas.latency.build import refit_calibration
+
+    cal = micro_table.calibration
+    assert refit_calibration(micro_table).calibration == cal
+    stale = LatencyTable(micro_table.metadata, micro_table.entries,
+                         dataclasses.replace(cal, coef=tuple(2 * c for c in cal.coef)), str(tmp_path / "t.json"))
+    stale.save(tmp_path / "t.json")
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("--refit measured")
+
+    monkeypatch.setattr(build, "measure_models", no_measuring)
+    monkeypatch.setattr(build, "BusyMonitor", no_measuring)
+    monkeypatch.chdir(ROOT)
+    args = ["--space", str(tmp_path / "micro.yaml"), "--out", str(tmp_path / "t.json"), "--refit"]
+    assert _main("build_lut")(args) == 0
+    assert "refitted" in capsys.readouterr().out
+    refitted = LatencyTable.load(tmp_path / "t.json")
+    assert refitted.calibration == cal and refitted.entries == micro_table.entries
+    LatencyTable(micro_table.metadata, micro_table.entries, None, "x").save(tmp_path / "t.json")
+    assert _main("build_lut")(args) == 2
+    assert "keeps no calibration networks" in capsys.readouterr().err
 
 
 # --- the shipped tiny table ---------------------------------------------------------------------

@@ -242,9 +242,8 @@ def build_table(
     measurer.again("calibration", names, network_model)
     calibration = None
     if archs:
-        uncalibrated = LatencyTable(settings, entries, None, str(out))
-        calibration = Calibration.fit(list(archs.values()), [uncalibrated.terms(arch) for arch in archs.values()],
-                                      [partial.done["calibration"][name].ms for name in names], calibration_seed)
+        calibration = _fit_calibration(LatencyTable(settings, entries, None, str(out)), list(archs.values()),
+                                       [partial.done["calibration"][name].ms for name in names], calibration_seed)
 
     unstable = sum(not entry["stable"] for entry in entries.values())
     if unstable:
@@ -264,6 +263,23 @@ def build_table(
     table.save(out)
     partial.path.unlink()
     return table
+
+
+def _fit_calibration(table: LatencyTable, archs: list[Arch], measured: list[float], seed: int) -> Calibration:
+    return Calibration.fit(archs, [table.terms(arch) for arch in archs], measured, seed)
+
+
+def refit_calibration(table: LatencyTable) -> LatencyTable:
+    """The table with its calibration fitted again to the networks it keeps (arch and measured ms),
+    without measuring: for a table built before a calibration candidate was added. Entries, metadata
+    and networks stay; the candidates compete again by leave-one-out error."""
+    old = table.calibration
+    if old is None or not old.rows:
+        raise NasError(f"{table.source}: the table keeps no calibration networks to refit; rebuild it with "
+                       "python scripts/build_lut.py --fresh")
+    archs = [Arch.parse(row["arch"]) for row in old.rows]
+    calibration = _fit_calibration(table, archs, [row["measured_ms"] for row in old.rows], old.seed)
+    return LatencyTable(table.metadata, table.entries, calibration, table.source)
 
 
 def estimate_build_seconds(space: SearchSpace, target: Target, *, resolution: int | None = None,

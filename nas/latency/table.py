@@ -24,8 +24,13 @@ block whose own weights outgrow the cache paid for them in its entry. ``spill2``
 lookups beyond a second, smaller cache: networks under ~1 MB of weights ran faster still, and the
 one-cache model over-predicted them by 16%.
 
+Two more terms may join spill2: the network's weight megabytes (``_weights``; the residuals still
+fell with them) and the megabytes of input and output activations of its blocks without SE
+(``_acts``; ``traffic.plain_activation_bytes``): alone, such a block converts its input to ONNX
+Runtime's blocked layout and its output back, which a network of such blocks does only at its ends.
+
 The candidates (raw sum, ``a*sum + b``, ``+ c*lookups``, ``+ d*se_blocks``, each with and without
-streaming over a grid of cache sizes and bandwidths, and the spill model over its cache grid) are
+streaming over a grid of cache sizes and bandwidths, and the spill models over their cache grid) are
 compared by leave-one-out error on the calibration networks; the lowest wins, ties going to the simpler.
 """
 
@@ -48,7 +53,7 @@ from nas.arch import Arch
 from nas.blocks import BlockSpec, HeadSpec, resolve, resolve_layer
 from nas.errors import NasError, NasWarning
 from nas.latency.targets import Target, cpu_model
-from nas.latency.traffic import head_weight_bytes, weight_bytes
+from nas.latency.traffic import head_weight_bytes, plain_activation_bytes, weight_bytes
 
 # 2: entries predict from 'ms', the protocol's aggregate (the fastest run by default), not 'median_ms'
 SCHEMA = 2
@@ -89,6 +94,12 @@ CALIBRATION_MODELS: dict[str, tuple[str, ...]] = {
     "linear_blocks_se": ("lookups", "se_blocks", "one"),
     "linear_blocks_se_spill": ("lookups", "se_blocks", "spilled_lookups", "spilled_mb", "one"),
     "linear_blocks_se_spill2": ("lookups", "se_blocks", "near_spilled_lookups", "spilled_lookups", "spilled_mb", "one"),
+    "linear_blocks_se_spill2_weights": ("lookups", "se_blocks", "near_spilled_lookups", "spilled_lookups", "spilled_mb",
+                                        "weight_mb", "one"),
+    "linear_blocks_se_spill2_acts": ("lookups", "se_blocks", "near_spilled_lookups", "spilled_lookups", "spilled_mb",
+                                     "plain_act_mb", "one"),
+    "linear_blocks_se_spill2_weights_acts": ("lookups", "se_blocks", "near_spilled_lookups", "spilled_lookups",
+                                             "spilled_mb", "weight_mb", "plain_act_mb", "one"),
 }
 # models whose spilled_* terms need a cache size (fitted over SPILL_GRID_MB, no bandwidth)
 SPILL_MODELS = frozenset(m for m, names in CALIBRATION_MODELS.items() if "spilled_mb" in names)
@@ -114,11 +125,13 @@ def candidate_names() -> list[str]:
 
 @dataclass(frozen=True)
 class NetworkTerms:
-    """What the calibration sees of one network: each lookup's entry and weight bytes, and its SE blocks."""
+    """What the calibration sees of one network: each lookup's entry and weight bytes, its SE blocks
+    and the activation bytes of its blocks without SE (``traffic.plain_activation_bytes``)."""
 
     ms: tuple[float, ...]
     weight_bytes: tuple[int, ...]
     se_blocks: int
+    plain_act_bytes: int = 0
 
     @property
     def lookups(self) -> int:
@@ -183,11 +196,12 @@ def spilled_terms(lookups: int, total_bytes: int, block_bytes: Iterable[int],
 
 
 def term_values(model: str, lookups: int, se_blocks: int, total_bytes: int, block_bytes: Sequence[int],
-                spill_mb: float | None, near_spill_mb: float | None = None) -> list[float]:
+                spill_mb: float | None, near_spill_mb: float | None = None, plain_act_bytes: int = 0) -> list[float]:
     """The terms ``model`` fits (``CALIBRATION_MODELS[model]``, in order) of one network; ``block_bytes``
     as ``spilled_terms`` takes them."""
     names = CALIBRATION_MODELS[model]
-    values = {"lookups": lookups, "se_blocks": se_blocks, "one": 1.0}
+    values = {"lookups": lookups, "se_blocks": se_blocks, "one": 1.0, "weight_mb": total_bytes / 1e6,
+              "plain_act_mb": plain_act_bytes / 1e6}
     if "spilled_mb" in names:
         values["spilled_lookups"], values["spilled_mb"] = spilled_terms(lookups, total_bytes, block_bytes, spill_mb)
         if "near_spilled_lookups" in names:
@@ -197,8 +211,8 @@ def term_values(model: str, lookups: int, se_blocks: int, total_bytes: int, bloc
 
 def _design(model: str, sums: np.ndarray, terms: list[NetworkTerms], spill_mb: float | None = None,
             near_spill_mb: float | None = None) -> np.ndarray:
-    rows = [term_values(model, t.lookups, t.se_blocks, sum(t.weight_bytes), t.weight_bytes, spill_mb, near_spill_mb)
-            for t in terms]
+    rows = [term_values(model, t.lookups, t.se_blocks, sum(t.weight_bytes), t.weight_bytes, spill_mb, near_spill_mb,
+                        t.plain_act_bytes) for t in terms]
     return np.column_stack([sums, np.array(rows).reshape(len(terms), -1)])
 
 
@@ -246,17 +260,17 @@ class Calibration:
         return candidate_name(self.model, self.bandwidth_gbs is not None)
 
     def combine(self, block_sum: float, lookups: int, se_blocks: int, total_bytes: int,
-                block_bytes: Sequence[int]) -> float:
+                block_bytes: Sequence[int], plain_act_bytes: int) -> float:
         """Predicted ms from a network's terms (``block_bytes`` as ``spilled_terms`` takes them)."""
         if self.model == "raw":
             return block_sum
         values = term_values(self.model, lookups, se_blocks, total_bytes, block_bytes, self.cache_mb,
-                             self.near_cache_mb)
+                             self.near_cache_mb, plain_act_bytes)
         return self.coef[0] * block_sum + sum(c * v for c, v in zip(self.coef[1:], values))
 
     def apply(self, terms: NetworkTerms) -> float:
         return self.combine(terms.block_sum(self.cache_mb, self.bandwidth_gbs), terms.lookups, terms.se_blocks,
-                            sum(terms.weight_bytes), terms.weight_bytes)
+                            sum(terms.weight_bytes), terms.weight_bytes, terms.plain_act_bytes)
 
     @property
     def arch_keys(self) -> frozenset[str]:
@@ -309,7 +323,8 @@ class Calibration:
         for arch, t, mi in zip(archs, terms, m):
             predicted = fitted.apply(t)
             rows.append({"arch": arch.to_string(), "key": arch.key, "raw_ms": t.raw_ms, "lookups": t.lookups,
-                         "se_blocks": t.se_blocks, "weight_mb": sum(t.weight_bytes) / 1e6, "measured_ms": float(mi),
+                         "se_blocks": t.se_blocks, "weight_mb": sum(t.weight_bytes) / 1e6,
+                         "plain_act_mb": t.plain_act_bytes / 1e6, "measured_ms": float(mi),
                          "predicted_ms": predicted, "error_pct": (predicted - mi) / mi * 100})
         return dataclasses.replace(fitted, rows=tuple(rows))
 
@@ -362,9 +377,10 @@ class LatencyTable:
         self.calibration = calibration
         self.source = source
         self._ms = {key: entry["ms"] for key, entry in entries.items()}
-        # (layer, (in_ch, size)) -> (ms, weight bytes, has SE, (out_ch, out_size)): resolving a layer
-        # costs far more than this lookup, and a space has few distinct layer contexts; likewise heads
-        self._layers: dict[tuple, tuple[float, tuple[int, int]]] = {}
+        # (layer, (in_ch, size)) -> (ms, weight bytes, has SE, plain activation bytes, (out_ch, out_size)):
+        # resolving a layer costs far more than this lookup, and a space has few distinct layer
+        # contexts; likewise heads
+        self._layers: dict[tuple, tuple[float, int, bool, int, tuple[int, int]]] = {}
         self._heads: dict[tuple, float] = {}
 
     @property
@@ -474,30 +490,31 @@ class LatencyTable:
         for layer in arch.layers:
             spec = resolve_layer(layer, *state)
             self._layers[layer, state] = (self.entry_ms(spec.key), weight_bytes(spec), spec.se_ch > 0,
-                                          (spec.out_ch, spec.out_resolution))
+                                          plain_activation_bytes(spec), (spec.out_ch, spec.out_resolution))
             state = (spec.out_ch, spec.out_resolution)
         head = HeadSpec(arch.pool, state[0], arch.hidden, arch.hidden_act, num_classes, state[1])
         self._heads[arch.pool, arch.hidden, arch.hidden_act, num_classes, state] = (self.entry_ms(head.key),
                                                                                      head_weight_bytes(head))
 
-    def _summary(self, arch: Arch, num_classes: int, big_above: float) -> tuple[float, int, int, list[int]]:
-        """(sum of entries, weight bytes, SE blocks, the bytes of blocks over ``big_above`` bytes) from the
-        memo alone; a KeyError means a context not seen yet."""
+    def _summary(self, arch: Arch, num_classes: int, big_above: float) -> tuple[float, int, int, list[int], int]:
+        """(sum of entries, weight bytes, SE blocks, the bytes of blocks over ``big_above`` bytes, plain
+        activation bytes) from the memo alone; a KeyError means a context not seen yet."""
         layers = self._layers
-        total, nbytes, se = 0.0, 0, 0
+        total, nbytes, se, acts = 0.0, 0, 0, 0
         big: list[int] = []
         state = (3, arch.resolution)
         for layer in arch.layers:
-            ms, b, has_se, state = layers[layer, state]
+            ms, b, has_se, act, state = layers[layer, state]
             total += ms
             nbytes += b
             se += has_se
+            acts += act
             if b > big_above:
                 big.append(b)
         head_ms, head_bytes = self._heads[arch.pool, arch.hidden, arch.hidden_act, num_classes, state]
         if head_bytes > big_above:
             big.append(head_bytes)
-        return total + head_ms, nbytes + head_bytes, se, big
+        return total + head_ms, nbytes + head_bytes, se, big, acts
 
     def _memo_streamed_sum(self, arch: Arch, num_classes: int, ms_per_byte: float) -> float:
         """``NetworkTerms.block_sum`` from the memo (filled by ``_memo_summary``), without resolving layers."""
@@ -505,14 +522,14 @@ class LatencyTable:
         total = 0.0
         state = (3, arch.resolution)
         for layer in arch.layers:
-            ms, nbytes, _, state = layers[layer, state]
+            ms, nbytes, _, _, state = layers[layer, state]
             streamed = nbytes * ms_per_byte
             total += ms if ms > streamed else streamed
         head_ms, head_bytes = self._heads[arch.pool, arch.hidden, arch.hidden_act, num_classes, state]
         return total + max(head_ms, head_bytes * ms_per_byte)
 
     def _memo_summary(self, arch: Arch, num_classes: int,
-                      big_above: float = math.inf) -> tuple[float, int, int, list[int]]:
+                      big_above: float = math.inf) -> tuple[float, int, int, list[int], int]:
         try:
             return self._summary(arch, num_classes, big_above)
         except KeyError:
@@ -520,7 +537,7 @@ class LatencyTable:
             return self._summary(arch, num_classes, big_above)
 
     def terms(self, arch: Arch, num_classes: int | None = None) -> NetworkTerms:
-        """Each lookup's entry and weight bytes (stem to head) and the SE block count of ``arch``."""
+        """Each lookup's entry and weight bytes (stem to head), the SE blocks and plain activation bytes of ``arch``."""
         specs, head = resolve(arch, num_classes or self.num_classes)
         return self.terms_of(specs, head)
 
@@ -528,7 +545,7 @@ class LatencyTable:
         specs = tuple(specs)
         return NetworkTerms(tuple(self.entry_ms(spec.key) for spec in specs) + (self.entry_ms(head.key),),
                             tuple(weight_bytes(spec) for spec in specs) + (head_weight_bytes(head),),
-                            sum(spec.se_ch > 0 for spec in specs))
+                            sum(spec.se_ch > 0 for spec in specs), sum(plain_activation_bytes(spec) for spec in specs))
 
     def predict_raw(self, arch: Arch, num_classes: int | None = None) -> tuple[float, int]:
         """Sum of the entries of the arch's blocks and head, and the number of entries summed."""
@@ -538,14 +555,14 @@ class LatencyTable:
         """Predicted end-to-end latency in ms (``num_classes`` defaults to the table's)."""
         num_classes = num_classes or self.num_classes
         calibration = self.calibration
-        raw, nbytes, se, big = self._memo_summary(arch, num_classes, calibration.smallest_cache_bytes
+        raw, nbytes, se, big, acts = self._memo_summary(arch, num_classes, calibration.smallest_cache_bytes
                                                   if calibration else math.inf)
         if calibration is None:
             return raw
         ms_per_byte = streaming_ms_per_byte(nbytes, calibration.cache_mb, calibration.bandwidth_gbs)
         if ms_per_byte:  # per block, only for networks whose weights exceed the cache
             raw = self._memo_streamed_sum(arch, num_classes, ms_per_byte)
-        return calibration.combine(raw, len(arch.layers) + 1, se, nbytes, big)
+        return calibration.combine(raw, len(arch.layers) + 1, se, nbytes, big, acts)
 
     def predict_many(self, archs: Iterable[Arch], num_classes: int | None = None) -> list[float]:
         return [self.predict(arch, num_classes) for arch in archs]

@@ -49,6 +49,20 @@ def weight_bytes(spec: BlockSpec) -> int:
     return (weights + squeeze) * FLOAT_BYTES
 
 
+@lru_cache(maxsize=65536)
+def plain_activation_bytes(spec: BlockSpec) -> int:
+    """Float32 bytes of input plus output activation of a block without squeeze-excite (0 with it).
+
+    Timed alone, a block converts its input to ONNX Runtime's blocked NCHWc layout and its output
+    back (``ReorderInput`` / ``ReorderOutput``, ~2 us each here), and returns a fresh output array;
+    inside a network consecutive blocks without SE stay blocked, so their entries overstate the
+    network by a cost that grows with these bytes. An SE block reorders around its pooling either way.
+    """
+    if spec.se_ch:
+        return 0
+    return (spec.in_ch * spec.resolution ** 2 + spec.out_ch * spec.out_resolution ** 2) * FLOAT_BYTES
+
+
 @lru_cache(maxsize=4096)
 def head_weight_bytes(head: HeadSpec) -> int:
     """Float32 bytes of the classifier's (and optional hidden layer's) weights."""
