@@ -482,15 +482,20 @@ def test_resume_refuses_other_settings_and_existing_table(micro, micro_table, tm
 
 def _terms(rng, n, weight_mb=0.0):
     """Random networks as the calibration sees them: 10-30 lookups of 0.01-0.3 ms, some SE blocks,
-    0.05-2 MB of activations around the blocks without SE."""
-    from nas.latency.table import NetworkTerms
+    0.05-2 MB of activations around the blocks without SE, blocks of random kinds and resolution
+    levels (the last lookup is the head)."""
+    from nas.latency.table import LEVELS, OP_TERMS, NetworkTerms
 
     out = []
     for _ in range(n):
         lookups = int(rng.integers(10, 30))
         share = rng.dirichlet(np.ones(lookups))
-        out.append(NetworkTerms(tuple(rng.uniform(0.01, 0.3, lookups)), tuple(int(b) for b in share * weight_mb * 1e6),
-                                int(rng.integers(0, lookups // 2)), int(rng.uniform(0.05, 2) * 1e6)))
+        ms = rng.uniform(0.01, 0.3, lookups)
+        levels, kinds = rng.integers(0, LEVELS, lookups - 1), rng.integers(0, len(OP_TERMS) + 1, lookups - 1)
+        out.append(NetworkTerms(tuple(ms), tuple(int(b) for b in share * weight_mb * 1e6),
+                                int(rng.integers(0, lookups // 2)), int(rng.uniform(0.05, 2) * 1e6),
+                                tuple(float(ms[:-1][levels == k].sum()) for k in range(LEVELS)),
+                                tuple(int((kinds == k).sum()) for k in range(len(OP_TERMS)))))
     return out
 
 
@@ -624,6 +629,50 @@ def test_calibration_finds_weight_and_activation_terms(per_weight_mb, per_act_mb
     assert fitted.loo_mape[model] < 1e-6 < fitted.loo_mape["linear_blocks_se_spill2"]
     assert fitted.rows[0]["plain_act_mb"] == terms[0].plain_act_bytes / 1e6
     assert Calibration.from_dict(json.loads(json.dumps(fitted.to_dict()))) == fitted
+
+
+def test_calibration_finds_per_level_factors_and_per_kind_lookups():
+    """The two-cache networks, with blocks at some resolution levels slower or faster than their
+    entries say and some kinds cheaper per lookup: the levels model wins and recovers each factor."""
+    from nas.latency.table import LEVEL_OP_TERMS, OP_TERMS, spilled_terms
+
+    assert LEVEL_OP_TERMS[:len(OP_TERMS)] == ("ds_lookups", "ir_lookups", "bot_lookups")
+    rng = np.random.default_rng(5)
+    terms = [t for mb in np.geomspace(0.1, 20, 90) for t in _terms(rng, 1, mb)]
+    archs = sample_archs(load_space(ROOT / "search_spaces" / "tiny.yaml"), 90, seed=0)
+    per_kind, per_level = (-0.002, 0.001, 0.004), (0.0, 0.1, -0.1, 0.2, 0.0, -0.05)
+
+    def timed(t):
+        w = sum(t.weight_bytes)
+        lookups, mb = spilled_terms(t.lookups, w, t.weight_bytes, 2)
+        return (t.raw_ms - 0.003 * t.lookups + spilled_terms(t.lookups, w, t.weight_bytes, 0.5)[0] * 0.002
+                + 0.01 * lookups + 0.005 * mb + 0.02 + np.dot(per_kind, t.op_lookups) + np.dot(per_level, t.level_ms))
+
+    model = "linear_blocks_se_spill2_weights_acts_levels_ops"
+    fitted = Calibration.fit(archs, terms, [timed(t) for t in terms], seed=0)
+    assert (fitted.name, fitted.cache_mb, fitted.near_cache_mb) == (model, 2, 0.5)
+    assert fitted.coef == pytest.approx((1.0, -0.003, 0.0, *per_kind, *per_level, 0.002, 0.01, 0.005, 0.0, 0.0, 0.02),
+                                        abs=1e-9)
+    assert fitted.loo_mape[model] < 1e-6 < fitted.loo_mape["linear_blocks_se_spill2_weights_acts"]
+
+
+def test_levels_model_fast_path_equals_its_terms():
+    """predict() keeps per-level sums and per-kind counts in its memo: the same as resolving every block."""
+    from nas.latency.table import LEVELS, OP_TERMS, resolution_level
+
+    assert [resolution_level(r, 224) for r in (224, 112, 56, 28, 14, 7, 4)] == [0, 1, 2, 3, 4, 5, 5]
+    table = LatencyTable.load(TINY_TABLE)
+    model = "linear_blocks_se_spill2_weights_acts_levels_ops"
+    coef = tuple(np.random.default_rng(6).uniform(-0.01, 0.01, len(CALIBRATION_MODELS[model]) + 1))
+    table.calibration = Calibration(model, (1.0,) + coef[1:], 0, {}, (), 0.05, None, 0.02)
+    space = load_space(ROOT / "search_spaces" / "tiny.yaml")
+    for arch in sample_archs(space, 30, seed=9):
+        terms = table.terms(arch)
+        specs, _ = resolve(arch, table.num_classes)
+        assert sum(terms.level_ms) == pytest.approx(terms.raw_ms - terms.ms[-1])
+        assert sum(terms.op_lookups) == sum(s.op in OP_TERMS for s in specs) and len(terms.level_ms) == LEVELS
+        assert table.predict(arch) == pytest.approx(table.calibration.apply(terms), rel=1e-12)
+    assert sum(t > 0 for t in terms.level_ms) >= 2 and sum(terms.op_lookups) > 0
 
 
 def test_plain_activation_bytes_count_blocks_without_se():

@@ -28,6 +28,11 @@ Two more terms may join spill2: the network's weight megabytes (``_weights``; th
 fell with them) and the megabytes of input and output activations of its blocks without SE
 (``_acts``; ``traffic.plain_activation_bytes``): alone, such a block converts its input to ONNX
 Runtime's blocked layout and its output back, which a network of such blocks does only at its ends.
+The ``_levels_ops`` model adds a per-lookup term per block kind (``OP_TERMS``) and a factor per
+resolution level on the entries' sum (``LEVELS``): on mnasnet.yaml at 32 px, networks rich in
+depthwise-separable blocks ran faster than their entries said, and the blocks at 32 px and 16 px
+differ from those at 1-2 px in how much of their entry a network saves. It has 18 coefficients and
+needs the 120 calibration networks a build measures.
 
 The candidates (raw sum, ``a*sum + b``, ``+ c*lookups``, ``+ d*se_blocks``, each with and without
 streaming over a grid of cache sizes and bandwidths, and the spill models over their cache grid) are
@@ -44,7 +49,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -88,6 +93,13 @@ def default_table_path(space_name: str, resolution: int, target: Target) -> Path
 
 # --- calibration --------------------------------------------------------------------------------
 
+# block kinds with a per-lookup term of their own in the ``_levels_ops`` model (conv and the rest: none)
+OP_TERMS = ("ds", "ir", "bot")
+# resolution levels (halvings of the table's input size) whose blocks' entries get a factor of their
+# own in that model; deeper blocks count with the last
+LEVELS = 6
+LEVEL_OP_TERMS = tuple(f"{op}_lookups" for op in OP_TERMS) + tuple(f"level{k}_ms" for k in range(LEVELS))
+
 # model name -> the terms besides the sum of entries it fits a coefficient to ("raw" fits nothing)
 CALIBRATION_MODELS: dict[str, tuple[str, ...]] = {
     "raw": (), "linear": ("one",), "linear_blocks": ("lookups", "one"),
@@ -100,9 +112,13 @@ CALIBRATION_MODELS: dict[str, tuple[str, ...]] = {
                                      "plain_act_mb", "one"),
     "linear_blocks_se_spill2_weights_acts": ("lookups", "se_blocks", "near_spilled_lookups", "spilled_lookups",
                                              "spilled_mb", "weight_mb", "plain_act_mb", "one"),
+    "linear_blocks_se_spill2_weights_acts_levels_ops": ("lookups", "se_blocks", *LEVEL_OP_TERMS, "near_spilled_lookups",
+                                                        "spilled_lookups", "spilled_mb", "weight_mb", "plain_act_mb",
+                                                        "one"),
 }
 # models whose spilled_* terms need a cache size (fitted over SPILL_GRID_MB, no bandwidth)
 SPILL_MODELS = frozenset(m for m, names in CALIBRATION_MODELS.items() if "spilled_mb" in names)
+LEVEL_OP_MODELS = frozenset(m for m, names in CALIBRATION_MODELS.items() if "level0_ms" in names)
 # spill models with a second, smaller cache (``near_cache_mb``): networks that fit it run faster still
 NEAR_SPILL_MODELS = frozenset(m for m, names in CALIBRATION_MODELS.items() if "near_spilled_lookups" in names)
 # the weight cache and memory bandwidth that the streaming term is fitted over (None: no term)
@@ -123,15 +139,39 @@ def candidate_names() -> list[str]:
                       for model in CALIBRATION_MODELS if model != "raw" and not (streaming and model in SPILL_MODELS)]
 
 
+class Summary(NamedTuple):
+    """A network's calibration inputs besides its block sum: what ``term_values`` reads."""
+
+    lookups: int
+    se_blocks: int
+    total_bytes: int  # weight bytes of the whole network
+    block_bytes: Sequence[int]  # per lookup, as ``spilled_terms`` takes them
+    plain_act_bytes: int = 0
+    level_ms: Sequence[float] = (0.0,) * LEVELS  # the blocks' entries summed per resolution level
+    op_lookups: Sequence[int] = (0,) * len(OP_TERMS)  # lookups per ``OP_TERMS`` kind
+
+
+def resolution_level(resolution: int, input_resolution: int) -> int:
+    """How many times the input was halved to reach ``resolution``, clipped to ``LEVELS - 1``."""
+    return min(LEVELS - 1, max(0, round(math.log2(input_resolution / resolution))))
+
+
 @dataclass(frozen=True)
 class NetworkTerms:
-    """What the calibration sees of one network: each lookup's entry and weight bytes, its SE blocks
-    and the activation bytes of its blocks without SE (``traffic.plain_activation_bytes``)."""
+    """What the calibration sees of one network: each lookup's entry and weight bytes, its SE blocks,
+    the activation bytes of its blocks without SE (``traffic.plain_activation_bytes``), and its
+    blocks' entries per resolution level and lookups per kind (``OP_TERMS``)."""
 
     ms: tuple[float, ...]
     weight_bytes: tuple[int, ...]
     se_blocks: int
     plain_act_bytes: int = 0
+    level_ms: tuple[float, ...] = (0.0,) * LEVELS
+    op_lookups: tuple[int, ...] = (0,) * len(OP_TERMS)
+
+    def summary(self) -> Summary:
+        return Summary(self.lookups, self.se_blocks, sum(self.weight_bytes), self.weight_bytes, self.plain_act_bytes,
+                       self.level_ms, self.op_lookups)
 
     @property
     def lookups(self) -> int:
@@ -195,24 +235,24 @@ def spilled_terms(lookups: int, total_bytes: int, block_bytes: Iterable[int],
     return spilled_lookups, spilled_bytes / 1e6
 
 
-def term_values(model: str, lookups: int, se_blocks: int, total_bytes: int, block_bytes: Sequence[int],
-                spill_mb: float | None, near_spill_mb: float | None = None, plain_act_bytes: int = 0) -> list[float]:
-    """The terms ``model`` fits (``CALIBRATION_MODELS[model]``, in order) of one network; ``block_bytes``
-    as ``spilled_terms`` takes them."""
+def term_values(model: str, s: Summary, spill_mb: float | None, near_spill_mb: float | None = None) -> list[float]:
+    """The terms ``model`` fits (``CALIBRATION_MODELS[model]``, in order) of one network."""
     names = CALIBRATION_MODELS[model]
-    values = {"lookups": lookups, "se_blocks": se_blocks, "one": 1.0, "weight_mb": total_bytes / 1e6,
-              "plain_act_mb": plain_act_bytes / 1e6}
+    values = {"lookups": s.lookups, "se_blocks": s.se_blocks, "one": 1.0, "weight_mb": s.total_bytes / 1e6,
+              "plain_act_mb": s.plain_act_bytes / 1e6}
     if "spilled_mb" in names:
-        values["spilled_lookups"], values["spilled_mb"] = spilled_terms(lookups, total_bytes, block_bytes, spill_mb)
+        values["spilled_lookups"], values["spilled_mb"] = spilled_terms(s.lookups, s.total_bytes, s.block_bytes,
+                                                                        spill_mb)
         if "near_spilled_lookups" in names:
-            values["near_spilled_lookups"] = spilled_terms(lookups, total_bytes, block_bytes, near_spill_mb)[0]
+            values["near_spilled_lookups"] = spilled_terms(s.lookups, s.total_bytes, s.block_bytes, near_spill_mb)[0]
+    if model in LEVEL_OP_MODELS:
+        values.update(zip(LEVEL_OP_TERMS, (*s.op_lookups, *s.level_ms)))
     return [values[name] for name in names]
 
 
 def _design(model: str, sums: np.ndarray, terms: list[NetworkTerms], spill_mb: float | None = None,
             near_spill_mb: float | None = None) -> np.ndarray:
-    rows = [term_values(model, t.lookups, t.se_blocks, sum(t.weight_bytes), t.weight_bytes, spill_mb, near_spill_mb,
-                        t.plain_act_bytes) for t in terms]
+    rows = [term_values(model, t.summary(), spill_mb, near_spill_mb) for t in terms]
     return np.column_stack([sums, np.array(rows).reshape(len(terms), -1)])
 
 
@@ -223,10 +263,16 @@ def _fit(design: np.ndarray, measured: np.ndarray) -> np.ndarray:
 
 
 def _loo_mape(design: np.ndarray, measured: np.ndarray) -> float:
-    errors = []
-    for i in range(len(measured)):
+    """Mean leave-one-out |error| in % of ``_fit``: from the hat matrix (a left-out network's error is its
+    residual over ``1 - leverage``), refitting without it only where its leverage is 1."""
+    scaled = design / measured[:, None]
+    hat = scaled @ np.linalg.pinv(scaled)
+    residual = scaled @ _fit(design, measured) - 1
+    leverage = np.diag(hat)
+    errors = np.abs(residual) / np.maximum(1 - leverage, 1e-12)
+    for i in np.flatnonzero(leverage > 1 - 1e-9):
         keep = np.arange(len(measured)) != i
-        errors.append(abs(design[i] @ _fit(design[keep], measured[keep]) - measured[i]) / measured[i])
+        errors[i] = abs(design[i] @ _fit(design[keep], measured[keep]) - measured[i]) / measured[i]
     return float(np.mean(errors) * 100)
 
 
@@ -259,18 +305,15 @@ class Calibration:
         """The chosen candidate, as ``loo_mape`` names it."""
         return candidate_name(self.model, self.bandwidth_gbs is not None)
 
-    def combine(self, block_sum: float, lookups: int, se_blocks: int, total_bytes: int,
-                block_bytes: Sequence[int], plain_act_bytes: int) -> float:
-        """Predicted ms from a network's terms (``block_bytes`` as ``spilled_terms`` takes them)."""
+    def combine(self, block_sum: float, summary: Summary) -> float:
+        """Predicted ms from a network's block sum and the rest of its terms."""
         if self.model == "raw":
             return block_sum
-        values = term_values(self.model, lookups, se_blocks, total_bytes, block_bytes, self.cache_mb,
-                             self.near_cache_mb, plain_act_bytes)
+        values = term_values(self.model, summary, self.cache_mb, self.near_cache_mb)
         return self.coef[0] * block_sum + sum(c * v for c, v in zip(self.coef[1:], values))
 
     def apply(self, terms: NetworkTerms) -> float:
-        return self.combine(terms.block_sum(self.cache_mb, self.bandwidth_gbs), terms.lookups, terms.se_blocks,
-                            sum(terms.weight_bytes), terms.weight_bytes, terms.plain_act_bytes)
+        return self.combine(terms.block_sum(self.cache_mb, self.bandwidth_gbs), terms.summary())
 
     @property
     def arch_keys(self) -> frozenset[str]:
@@ -367,6 +410,11 @@ class Calibration:
 # --- the table ----------------------------------------------------------------------------------
 
 
+def _op_index(op: str) -> int:
+    """A block kind's place in ``OP_TERMS``; -1 for kinds without a term (the last counter)."""
+    return OP_TERMS.index(op) if op in OP_TERMS else -1
+
+
 class LatencyTable:
     """Measured per-block latencies of one space on one target; ``predict(arch)`` gives ms."""
 
@@ -377,10 +425,10 @@ class LatencyTable:
         self.calibration = calibration
         self.source = source
         self._ms = {key: entry["ms"] for key, entry in entries.items()}
-        # (layer, (in_ch, size)) -> (ms, weight bytes, has SE, plain activation bytes, (out_ch, out_size)):
-        # resolving a layer costs far more than this lookup, and a space has few distinct layer
-        # contexts; likewise heads
-        self._layers: dict[tuple, tuple[float, int, bool, int, tuple[int, int]]] = {}
+        # (layer, (in_ch, size)) -> (ms, weight bytes, has SE, plain activation bytes, resolution level,
+        # OP_TERMS index or -1, (out_ch, out_size)): resolving a layer costs far more than this lookup,
+        # and a space has few distinct layer contexts; likewise heads
+        self._layers: dict[tuple, tuple[float, int, bool, int, int, int, tuple[int, int]]] = {}
         self._heads: dict[tuple, float] = {}
 
     @property
@@ -490,31 +538,39 @@ class LatencyTable:
         for layer in arch.layers:
             spec = resolve_layer(layer, *state)
             self._layers[layer, state] = (self.entry_ms(spec.key), weight_bytes(spec), spec.se_ch > 0,
-                                          plain_activation_bytes(spec), (spec.out_ch, spec.out_resolution))
+                                          plain_activation_bytes(spec), self._level(spec.resolution),
+                                          _op_index(spec.op), (spec.out_ch, spec.out_resolution))
             state = (spec.out_ch, spec.out_resolution)
         head = HeadSpec(arch.pool, state[0], arch.hidden, arch.hidden_act, num_classes, state[1])
         self._heads[arch.pool, arch.hidden, arch.hidden_act, num_classes, state] = (self.entry_ms(head.key),
                                                                                      head_weight_bytes(head))
 
-    def _summary(self, arch: Arch, num_classes: int, big_above: float) -> tuple[float, int, int, list[int], int]:
-        """(sum of entries, weight bytes, SE blocks, the bytes of blocks over ``big_above`` bytes, plain
-        activation bytes) from the memo alone; a KeyError means a context not seen yet."""
+    def _level(self, resolution: int) -> int:
+        return resolution_level(resolution, self.metadata.get("resolution") or resolution)
+
+    def _summary(self, arch: Arch, num_classes: int, big_above: float) -> tuple[float, Summary]:
+        """(sum of entries, the rest of the terms, with only the blocks over ``big_above`` bytes in
+        ``block_bytes``) from the memo alone; a KeyError means a context not seen yet."""
         layers = self._layers
         total, nbytes, se, acts = 0.0, 0, 0, 0
+        levels = [0.0] * LEVELS
+        ops = [0] * (len(OP_TERMS) + 1)  # the last counts the kinds without a term
         big: list[int] = []
         state = (3, arch.resolution)
         for layer in arch.layers:
-            ms, b, has_se, act, state = layers[layer, state]
+            ms, b, has_se, act, level, op, state = layers[layer, state]
             total += ms
             nbytes += b
             se += has_se
             acts += act
+            levels[level] += ms
+            ops[op] += 1
             if b > big_above:
                 big.append(b)
         head_ms, head_bytes = self._heads[arch.pool, arch.hidden, arch.hidden_act, num_classes, state]
         if head_bytes > big_above:
             big.append(head_bytes)
-        return total + head_ms, nbytes + head_bytes, se, big, acts
+        return total + head_ms, Summary(len(arch.layers) + 1, se, nbytes + head_bytes, big, acts, levels, ops[:-1])
 
     def _memo_streamed_sum(self, arch: Arch, num_classes: int, ms_per_byte: float) -> float:
         """``NetworkTerms.block_sum`` from the memo (filled by ``_memo_summary``), without resolving layers."""
@@ -522,14 +578,13 @@ class LatencyTable:
         total = 0.0
         state = (3, arch.resolution)
         for layer in arch.layers:
-            ms, nbytes, _, _, state = layers[layer, state]
+            ms, nbytes, *_, state = layers[layer, state]
             streamed = nbytes * ms_per_byte
             total += ms if ms > streamed else streamed
         head_ms, head_bytes = self._heads[arch.pool, arch.hidden, arch.hidden_act, num_classes, state]
         return total + max(head_ms, head_bytes * ms_per_byte)
 
-    def _memo_summary(self, arch: Arch, num_classes: int,
-                      big_above: float = math.inf) -> tuple[float, int, int, list[int], int]:
+    def _memo_summary(self, arch: Arch, num_classes: int, big_above: float = math.inf) -> tuple[float, Summary]:
         try:
             return self._summary(arch, num_classes, big_above)
         except KeyError:
@@ -537,15 +592,22 @@ class LatencyTable:
             return self._summary(arch, num_classes, big_above)
 
     def terms(self, arch: Arch, num_classes: int | None = None) -> NetworkTerms:
-        """Each lookup's entry and weight bytes (stem to head), the SE blocks and plain activation bytes of ``arch``."""
+        """``arch`` as the calibration sees it (``NetworkTerms``)."""
         specs, head = resolve(arch, num_classes or self.num_classes)
         return self.terms_of(specs, head)
 
     def terms_of(self, specs: Iterable[BlockSpec], head: HeadSpec) -> NetworkTerms:
         specs = tuple(specs)
-        return NetworkTerms(tuple(self.entry_ms(spec.key) for spec in specs) + (self.entry_ms(head.key),),
+        ms = tuple(self.entry_ms(spec.key) for spec in specs)
+        levels = [0.0] * LEVELS
+        ops = [0] * (len(OP_TERMS) + 1)
+        for spec, entry in zip(specs, ms):
+            levels[self._level(spec.resolution)] += entry
+            ops[_op_index(spec.op)] += 1
+        return NetworkTerms(ms + (self.entry_ms(head.key),),
                             tuple(weight_bytes(spec) for spec in specs) + (head_weight_bytes(head),),
-                            sum(spec.se_ch > 0 for spec in specs), sum(plain_activation_bytes(spec) for spec in specs))
+                            sum(spec.se_ch > 0 for spec in specs), sum(plain_activation_bytes(spec) for spec in specs),
+                            tuple(levels), tuple(ops[:-1]))
 
     def predict_raw(self, arch: Arch, num_classes: int | None = None) -> tuple[float, int]:
         """Sum of the entries of the arch's blocks and head, and the number of entries summed."""
@@ -555,14 +617,14 @@ class LatencyTable:
         """Predicted end-to-end latency in ms (``num_classes`` defaults to the table's)."""
         num_classes = num_classes or self.num_classes
         calibration = self.calibration
-        raw, nbytes, se, big, acts = self._memo_summary(arch, num_classes, calibration.smallest_cache_bytes
-                                                  if calibration else math.inf)
+        raw, summary = self._memo_summary(arch, num_classes, calibration.smallest_cache_bytes
+                                          if calibration else math.inf)
         if calibration is None:
             return raw
-        ms_per_byte = streaming_ms_per_byte(nbytes, calibration.cache_mb, calibration.bandwidth_gbs)
+        ms_per_byte = streaming_ms_per_byte(summary.total_bytes, calibration.cache_mb, calibration.bandwidth_gbs)
         if ms_per_byte:  # per block, only for networks whose weights exceed the cache
             raw = self._memo_streamed_sum(arch, num_classes, ms_per_byte)
-        return calibration.combine(raw, len(arch.layers) + 1, se, nbytes, big, acts)
+        return calibration.combine(raw, summary)
 
     def predict_many(self, archs: Iterable[Arch], num_classes: int | None = None) -> list[float]:
         return [self.predict(arch, num_classes) for arch in archs]
