@@ -48,8 +48,14 @@ log = logging.getLogger(__name__)
 ENTRY_ORDER_SEED = 0
 IMAGENET_RESOLUTION = 224
 # whole networks measured to fit the calibration: with 20, the fit's leave-one-out error was 6-8%,
-# and the noise of single networks moved its coefficients; they cost ~0.3 s each at 32 px, ~2 s at 224
-CALIBRATION_ARCHS = 120
+# and the noise of single networks moved its coefficients; the levels model's 18 coefficients want
+# 120 or more. They cost ~0.3 s each at 32 px, ~2 s at 224
+CALIBRATION_ARCHS = 150
+# the share of them drawn from the space's fast end (the fastest of FAST_POOL times as many random
+# networks, by their entries' sum): a search's front lives there, and random networks seldom go
+# there (on mnasnet.yaml, 5 of 120 below 0.08 ms; the fit then under-predicted such networks by 7%)
+FAST_SHARE = 0.2
+FAST_POOL = 20
 
 
 def default_num_classes(resolution: int) -> int:
@@ -71,6 +77,15 @@ def sample_archs(space: SearchSpace, n: int, seed: int, exclude: frozenset[str] 
         if arch.key not in exclude:
             archs.setdefault(arch.key, arch)
     return list(archs.values())
+
+
+def calibration_networks(space: SearchSpace, n: int, seed: int, raw_ms: Callable[[Arch], float]) -> list[Arch]:
+    """``n`` networks to calibrate on: random ones, and a ``FAST_SHARE`` of the fastest by ``raw_ms``
+    among ``FAST_POOL`` times as many other random ones (seed + 1)."""
+    fast = round(n * FAST_SHARE)
+    archs = sample_archs(space, n - fast, seed)
+    pool = sample_archs(space, fast * FAST_POOL, seed + 1, exclude=frozenset(a.key for a in archs))
+    return archs + sorted(pool, key=raw_ms)[:fast]
 
 
 def _entry_model(item: BlockSpec | HeadSpec, target: Target, opset: int) -> bytes:
@@ -231,7 +246,9 @@ def build_table(
     measurer.again("entry", order, entry_model)
 
     entries = {key: _entry_dict(partial.done["entry"][key]) for key in items}
-    archs = {arch.to_string(): arch for arch in sample_archs(space, calibration_archs, calibration_seed)}
+    uncalibrated = LatencyTable(settings, entries, None, str(out))
+    archs = {arch.to_string(): arch for arch in calibration_networks(
+        space, calibration_archs, calibration_seed, lambda arch: uncalibrated.predict_raw(arch)[0])}
 
     def network_model(name: str) -> bytes:
         return export_onnx(archs[name], batch=target.batch, num_classes=num_classes)
@@ -242,7 +259,7 @@ def build_table(
     measurer.again("calibration", names, network_model)
     calibration = None
     if archs:
-        calibration = _fit_calibration(LatencyTable(settings, entries, None, str(out)), list(archs.values()),
+        calibration = _fit_calibration(uncalibrated, list(archs.values()),
                                        [partial.done["calibration"][name].ms for name in names], calibration_seed)
 
     unstable = sum(not entry["stable"] for entry in entries.values())
