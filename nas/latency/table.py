@@ -146,9 +146,9 @@ class Summary(NamedTuple):
     se_blocks: int
     total_bytes: int  # weight bytes of the whole network
     block_bytes: Sequence[int]  # per lookup, as ``spilled_terms`` takes them
-    plain_act_bytes: int = 0
-    level_ms: Sequence[float] = (0.0,) * LEVELS  # the blocks' entries summed per resolution level
-    op_lookups: Sequence[int] = (0,) * len(OP_TERMS)  # lookups per ``OP_TERMS`` kind
+    plain_act_bytes: int
+    level_ms: Sequence[float]  # the blocks' entries summed per resolution level
+    op_lookups: Sequence[int]  # lookups per ``OP_TERMS`` kind
 
 
 def resolution_level(resolution: int, input_resolution: int) -> int:
