@@ -595,21 +595,27 @@ def test_calibration_finds_the_cache_networks_spill_beyond():
     assert spilled >= 10
 
 
-def test_calibration_finds_a_second_smaller_cache():
-    """As above, plus networks that fit a 0.5 MB cache saving 2 us per lookup: spill2 finds both caches."""
+def _two_cache_networks(seed, n):
+    """Networks of 0.1-20 MB of weights and their archs, timed (``_two_cache_ms``) as if each lookup
+    beyond a 2 MB cache cost 10 us more and each spilled MB 5 us, and each lookup beyond a 0.5 MB cache 2 us."""
+    rng = np.random.default_rng(seed)
+    terms = [t for mb in np.geomspace(0.1, 20, n) for t in _terms(rng, 1, mb)]
+    return terms, sample_archs(load_space(ROOT / "search_spaces" / "tiny.yaml"), n, seed=0)
+
+
+def _two_cache_ms(t):
     from nas.latency.table import spilled_terms
 
-    rng = np.random.default_rng(3)
-    terms = [t for mb in np.geomspace(0.1, 20, 50) for t in _terms(rng, 1, mb)]
-    archs = sample_archs(load_space(ROOT / "search_spaces" / "tiny.yaml"), 50, seed=0)
+    w = sum(t.weight_bytes)
+    lookups, mb = spilled_terms(t.lookups, w, t.weight_bytes, 2)
+    return (t.raw_ms - 0.003 * t.lookups + spilled_terms(t.lookups, w, t.weight_bytes, 0.5)[0] * 0.002
+            + 0.01 * lookups + 0.005 * mb + 0.02)
 
-    def timed(t):
-        w = sum(t.weight_bytes)
-        lookups, mb = spilled_terms(t.lookups, w, t.weight_bytes, 2)
-        return (t.raw_ms - 0.003 * t.lookups + spilled_terms(t.lookups, w, t.weight_bytes, 0.5)[0] * 0.002
-                + 0.01 * lookups + 0.005 * mb + 0.02)
 
-    fitted = Calibration.fit(archs, terms, [timed(t) for t in terms], seed=0)
+def test_calibration_finds_a_second_smaller_cache():
+    """As above, plus networks that fit a 0.5 MB cache saving 2 us per lookup: spill2 finds both caches."""
+    terms, archs = _two_cache_networks(3, 50)
+    fitted = Calibration.fit(archs, terms, [_two_cache_ms(t) for t in terms], seed=0)
     assert (fitted.name, fitted.cache_mb, fitted.near_cache_mb) == ("linear_blocks_se_spill2", 2, 0.5)
     assert fitted.coef == pytest.approx((1.0, -0.003, 0.0, 0.002, 0.01, 0.005, 0.02), abs=1e-9)
     assert fitted.loo_mape["linear_blocks_se_spill2"] < 1e-6 < fitted.loo_mape["linear_blocks_se_spill"]
@@ -625,17 +631,10 @@ def test_calibration_finds_weight_and_activation_terms(per_weight_mb, per_act_mb
     """The two-cache networks above, plus a cost per MB of weights and/or of plain-block activations:
     the candidate with exactly those terms wins, with their coefficients (a zero term would tie, and
     ties go to fewer coefficients)."""
-    from nas.latency.table import spilled_terms
-
-    rng = np.random.default_rng(4)
-    terms = [t for mb in np.geomspace(0.1, 20, 50) for t in _terms(rng, 1, mb)]
-    archs = sample_archs(load_space(ROOT / "search_spaces" / "tiny.yaml"), 50, seed=0)
+    terms, archs = _two_cache_networks(4, 50)
 
     def timed(t):
-        w = sum(t.weight_bytes)
-        lookups, mb = spilled_terms(t.lookups, w, t.weight_bytes, 2)
-        return (t.raw_ms - 0.003 * t.lookups + spilled_terms(t.lookups, w, t.weight_bytes, 0.5)[0] * 0.002
-                + 0.01 * lookups + 0.005 * mb + per_weight_mb * w / 1e6 + per_act_mb * t.plain_act_bytes / 1e6 + 0.02)
+        return _two_cache_ms(t) + per_weight_mb * sum(t.weight_bytes) / 1e6 + per_act_mb * t.plain_act_bytes / 1e6
 
     fitted = Calibration.fit(archs, terms, [timed(t) for t in terms], seed=0)
     assert (fitted.name, fitted.cache_mb, fitted.near_cache_mb) == (model, 2, 0.5)
@@ -649,19 +648,14 @@ def test_calibration_finds_weight_and_activation_terms(per_weight_mb, per_act_mb
 def test_calibration_finds_per_level_factors_and_per_kind_lookups():
     """The two-cache networks, with blocks at some resolution levels slower or faster than their
     entries say and some kinds cheaper per lookup: the levels model wins and recovers each factor."""
-    from nas.latency.table import LEVEL_OP_TERMS, OP_TERMS, spilled_terms
+    from nas.latency.table import LEVEL_OP_TERMS, OP_TERMS
 
     assert LEVEL_OP_TERMS[:len(OP_TERMS)] == ("ds_lookups", "ir_lookups", "bot_lookups")
-    rng = np.random.default_rng(5)
-    terms = [t for mb in np.geomspace(0.1, 20, 90) for t in _terms(rng, 1, mb)]
-    archs = sample_archs(load_space(ROOT / "search_spaces" / "tiny.yaml"), 90, seed=0)
+    terms, archs = _two_cache_networks(5, 90)
     per_kind, per_level = (-0.002, 0.001, 0.004), (0.0, 0.1, -0.1, 0.2, 0.0, -0.05)
 
     def timed(t):
-        w = sum(t.weight_bytes)
-        lookups, mb = spilled_terms(t.lookups, w, t.weight_bytes, 2)
-        return (t.raw_ms - 0.003 * t.lookups + spilled_terms(t.lookups, w, t.weight_bytes, 0.5)[0] * 0.002
-                + 0.01 * lookups + 0.005 * mb + 0.02 + np.dot(per_kind, t.op_lookups) + np.dot(per_level, t.level_ms))
+        return _two_cache_ms(t) + np.dot(per_kind, t.op_lookups) + np.dot(per_level, t.level_ms)
 
     model = "linear_blocks_se_spill2_weights_acts_levels_ops"
     fitted = Calibration.fit(archs, terms, [timed(t) for t in terms], seed=0)
