@@ -45,6 +45,7 @@ import dataclasses
 import functools
 import json
 import math
+import operator
 import os
 import warnings
 from dataclasses import dataclass
@@ -300,6 +301,35 @@ class Calibration:
         caches = [c for c in (self.cache_mb, self.near_cache_mb) if c is not None] if self.model in SPILL_MODELS else []
         return min(caches) * 1e6 if caches else math.inf
 
+    @functools.cached_property
+    def row_weights(self) -> tuple[tuple[float, ...], float, float] | None:
+        """The calibration's terms but the spill ones folded per block: (weights of a layer's memo row in
+        ``LatencyTable``, the weight of one lookup, the constant). A network's prediction is then the sum
+        over its layers of row . weights + lookup weight, the head's likewise, the constant and
+        ``spill_ms``: every other term is a sum over blocks. None where the block sum is not (streaming)."""
+        if self.model == "raw" or self.bandwidth_gbs is not None:
+            return None
+        c = dict(zip(CALIBRATION_MODELS[self.model], self.coef[1:]))
+        weights = (self.coef[0], c.get("weight_mb", 0.0) / 1e6, c.get("se_blocks", 0.0), c.get("plain_act_mb", 0.0) / 1e6,
+                   *(c.get(f"level{k}_ms", 0.0) for k in range(LEVELS)), *(c.get(f"{op}_lookups", 0.0) for op in OP_TERMS))
+        return weights, c.get("lookups", 0.0), c.get("one", 0.0)
+
+    def spill_ms(self, lookups: int, total_bytes: int, big_bytes: Sequence[int]) -> float:
+        """The spill terms' share of a prediction (0 without them): what ``row_weights`` leaves out."""
+        if self.model not in SPILL_MODELS or total_bytes <= self.smallest_cache_bytes:
+            return 0.0
+        per_lookup, per_mb, near_per_lookup = self._spill_coef
+        spilled_lookups, spilled_mb = spilled_terms(lookups, total_bytes, big_bytes, self.cache_mb)
+        ms = per_lookup * spilled_lookups + per_mb * spilled_mb
+        if near_per_lookup:
+            ms += near_per_lookup * spilled_terms(lookups, total_bytes, big_bytes, self.near_cache_mb)[0]
+        return ms
+
+    @functools.cached_property
+    def _spill_coef(self) -> tuple[float, float, float]:
+        c = dict(zip(CALIBRATION_MODELS[self.model], self.coef[1:]))
+        return c["spilled_lookups"], c["spilled_mb"], c.get("near_spilled_lookups", 0.0)
+
     @property
     def name(self) -> str:
         """The chosen candidate, as ``loo_mape`` names it."""
@@ -310,7 +340,7 @@ class Calibration:
         if self.model == "raw":
             return block_sum
         values = term_values(self.model, summary, self.cache_mb, self.near_cache_mb)
-        return self.coef[0] * block_sum + sum(c * v for c, v in zip(self.coef[1:], values))
+        return self.coef[0] * block_sum + sum(map(operator.mul, self.coef[1:], values))
 
     def apply(self, terms: NetworkTerms) -> float:
         return self.combine(terms.block_sum(self.cache_mb, self.bandwidth_gbs), terms.summary())
@@ -425,10 +455,16 @@ class LatencyTable:
         self.calibration = calibration
         self.source = source
         self._ms = {key: entry["ms"] for key, entry in entries.items()}
-        # (layer, (in_ch, size)) -> (ms, weight bytes, has SE, plain activation bytes, resolution level,
-        # OP_TERMS index or -1, (out_ch, out_size)): resolving a layer costs far more than this lookup,
-        # and a space has few distinct layer contexts; likewise heads
-        self._layers: dict[tuple, tuple[float, int, bool, int, int, int, tuple[int, int]]] = {}
+        # (layer, (in_ch, size)) -> (its row, (out_ch, out_size)): resolving a layer costs far more than
+        # this lookup, and a space has few distinct layer contexts; likewise heads. A row is (ms, weight
+        # bytes, has SE, plain activation bytes, its ms in its resolution level's slot of LEVELS, 1 in
+        # its kind's slot of OP_TERMS): a network's terms are then its rows' column sums, which
+        # ``_summary`` takes in C (``zip``/``sum``) instead of adding up field by field per layer
+        self._layers: dict[tuple, tuple[tuple[float, ...], tuple[int, int]]] = {}
+        # the same keys -> (row . calibration.row_weights + lookup weight, weight bytes, (out_ch, out_size)):
+        # predict() then adds one number per layer; emptied when the calibration is replaced
+        self._folded: dict[tuple, tuple[float, int, tuple[int, int]]] = {}
+        self._folded_for: Calibration | None = None
         self._heads: dict[tuple, float] = {}
 
     @property
@@ -537,9 +573,12 @@ class LatencyTable:
         state = (3, arch.resolution)
         for layer in arch.layers:
             spec = resolve_layer(layer, *state)
-            self._layers[layer, state] = (self.entry_ms(spec.key), weight_bytes(spec), spec.se_ch > 0,
-                                          plain_activation_bytes(spec), self._level(spec.resolution),
-                                          _op_index(spec.op), (spec.out_ch, spec.out_resolution))
+            ms = self.entry_ms(spec.key)
+            levels, ops = [0.0] * LEVELS, [0] * (len(OP_TERMS) + 1)  # the last slot: kinds without a term
+            levels[self._level(spec.resolution)] = ms
+            ops[_op_index(spec.op)] = 1
+            row = (ms, weight_bytes(spec), int(spec.se_ch > 0), plain_activation_bytes(spec), *levels, *ops[:-1])
+            self._layers[layer, state] = row, (spec.out_ch, spec.out_resolution)
             state = (spec.out_ch, spec.out_resolution)
         head = HeadSpec(arch.pool, state[0], arch.hidden, arch.hidden_act, num_classes, state[1])
         self._heads[arch.pool, arch.hidden, arch.hidden_act, num_classes, state] = (self.entry_ms(head.key),
@@ -552,25 +591,16 @@ class LatencyTable:
         """(sum of entries, the rest of the terms, with only the blocks over ``big_above`` bytes in
         ``block_bytes``) from the memo alone; a KeyError means a context not seen yet."""
         layers = self._layers
-        total, nbytes, se, acts = 0.0, 0, 0, 0
-        levels = [0.0] * LEVELS
-        ops = [0] * (len(OP_TERMS) + 1)  # the last counts the kinds without a term
-        big: list[int] = []
+        rows = []
         state = (3, arch.resolution)
         for layer in arch.layers:
-            ms, b, has_se, act, level, op, state = layers[layer, state]
-            total += ms
-            nbytes += b
-            se += has_se
-            acts += act
-            levels[level] += ms
-            ops[op] += 1
-            if b > big_above:
-                big.append(b)
+            row, state = layers[layer, state]
+            rows.append(row)
         head_ms, head_bytes = self._heads[arch.pool, arch.hidden, arch.hidden_act, num_classes, state]
-        if head_bytes > big_above:
-            big.append(head_bytes)
-        return total + head_ms, Summary(len(arch.layers) + 1, se, nbytes + head_bytes, big, acts, levels, ops[:-1])
+        columns = tuple(zip(*rows)) if rows else ((),) * (4 + LEVELS + len(OP_TERMS))
+        total, nbytes, se, acts, *rest = map(sum, columns)
+        big = [b for b in (*columns[1], head_bytes) if b > big_above] if big_above < math.inf else []
+        return total + head_ms, Summary(len(rows) + 1, se, nbytes + head_bytes, big, acts, rest[:LEVELS], rest[LEVELS:])
 
     def _memo_streamed_sum(self, arch: Arch, num_classes: int, ms_per_byte: float) -> float:
         """``NetworkTerms.block_sum`` from the memo (filled by ``_memo_summary``), without resolving layers."""
@@ -578,7 +608,7 @@ class LatencyTable:
         total = 0.0
         state = (3, arch.resolution)
         for layer in arch.layers:
-            ms, nbytes, *_, state = layers[layer, state]
+            (ms, nbytes, *_), state = layers[layer, state]
             streamed = nbytes * ms_per_byte
             total += ms if ms > streamed else streamed
         head_ms, head_bytes = self._heads[arch.pool, arch.hidden, arch.hidden_act, num_classes, state]
@@ -613,10 +643,47 @@ class LatencyTable:
         """Sum of the entries of the arch's blocks and head, and the number of entries summed."""
         return self._memo_summary(arch, num_classes or self.num_classes)[0], len(arch.layers) + 1
 
+    def _fold(self, arch: Arch, num_classes: int, folding: tuple[tuple[float, ...], float, float]) -> None:
+        """Fill ``_folded`` (and the plain memo) for the arch's layers."""
+        self._memo_summary(arch, num_classes)
+        weights, per_lookup, _ = folding
+        state = (3, arch.resolution)
+        for layer in arch.layers:
+            row, out = self._layers[layer, state]
+            self._folded[layer, state] = sum(map(operator.mul, row, weights)) + per_lookup, row[1], out
+            state = out
+
+    def _predict_folded(self, arch: Arch, num_classes: int, calibration: Calibration,
+                        folding: tuple[tuple[float, ...], float, float]) -> float:
+        """``predict`` for calibrations that ``row_weights`` folds: one addition per layer."""
+        folded, big_above = self._folded, calibration.smallest_cache_bytes
+        try:
+            total, nbytes, big = 0.0, 0, []
+            state = (3, arch.resolution)
+            for layer in arch.layers:
+                value, b, state = folded[layer, state]
+                total += value
+                nbytes += b
+                if b > big_above:
+                    big.append(b)
+            head_ms, head_bytes = self._heads[arch.pool, arch.hidden, arch.hidden_act, num_classes, state]
+        except KeyError:
+            self._fold(arch, num_classes, folding)
+            return self._predict_folded(arch, num_classes, calibration, folding)
+        weights, per_lookup, constant = folding
+        if head_bytes > big_above:
+            big.append(head_bytes)
+        total += weights[0] * head_ms + weights[1] * head_bytes + per_lookup + constant
+        return total + calibration.spill_ms(len(arch.layers) + 1, nbytes + head_bytes, big)
+
     def predict(self, arch: Arch, num_classes: int | None = None) -> float:
         """Predicted end-to-end latency in ms (``num_classes`` defaults to the table's)."""
         num_classes = num_classes or self.num_classes
         calibration = self.calibration
+        if calibration is not None and (folding := calibration.row_weights) is not None:
+            if calibration is not self._folded_for:
+                self._folded, self._folded_for = {}, calibration
+            return self._predict_folded(arch, num_classes, calibration, folding)
         raw, summary = self._memo_summary(arch, num_classes, calibration.smallest_cache_bytes
                                           if calibration else math.inf)
         if calibration is None:
