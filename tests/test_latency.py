@@ -33,7 +33,7 @@ from nas.latency.measure import (BusyMonitor, Measurement, Protocol, faster, mea
                                  measurement_lock, training_lock)
 from nas.latency.table import CALIBRATION_MODELS, Calibration, LatencyTable, MissingEntryError, TableMismatchWarning, default_table_path
 from nas.latency.targets import PROVIDERS, Target, _session_options, get_target
-from nas.latency.validate import validate_table
+from nas.latency.validate import local_speed, validate_table
 from nas.space import block_contexts, load_space
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -682,6 +682,9 @@ def test_levels_model_fast_path_equals_its_terms():
         assert sum(terms.op_lookups) == sum(s.op in OP_TERMS for s in specs) and len(terms.level_ms) == LEVELS
         assert table.predict(arch) == pytest.approx(table.calibration.apply(terms), rel=1e-12)
     assert sum(t > 0 for t in terms.level_ms) >= 2 and sum(terms.op_lookups) > 0
+    # the memo folds the calibration's per-block terms into one number per layer: a new calibration refolds
+    table.calibration = Calibration(model, (0.5,) + coef[1:], 0, {}, (), 0.05, None, 0.02)
+    assert table.predict(arch) == pytest.approx(table.calibration.apply(terms), rel=1e-12)
 
 
 def test_plain_activation_bytes_count_blocks_without_se():
@@ -746,6 +749,16 @@ def test_mobilenetv2_table_will_price_the_mobilenet_v2_reference():
 
 
 # --- validation and the scripts -----------------------------------------------------------------
+
+
+def test_local_speed_follows_a_drifting_machine():
+    """Anchors timed 1.0x the build for the first half, 1.1x after: each network gets its moment's speed."""
+    positions = list(range(0, 200, 2))  # anchors at even places, held-out networks at odd ones
+    ratios = np.array([1.0 if p < 100 else 1.1 for p in positions])
+    ratios[::7] *= 1.3  # single noisy anchors do not move a median of 20
+    speed = local_speed(positions, ratios, [5, 61, 141, 195], window=20)
+    assert speed == pytest.approx([1.0, 1.0, 1.1, 1.1])
+    assert local_speed(positions[:6], ratios[:6], [5, 195]) == pytest.approx([np.median(ratios[:6])] * 2)
 
 
 def test_validation_excludes_calibration_networks(micro_table, micro):
