@@ -309,7 +309,7 @@ class Calibration:
         ``spill_ms``: every other term is a sum over blocks. None where the block sum is not (streaming)."""
         if self.model == "raw" or self.bandwidth_gbs is not None:
             return None
-        c = dict(zip(CALIBRATION_MODELS[self.model], self.coef[1:]))
+        c = self._coef_by_term
         weights = (self.coef[0], c.get("weight_mb", 0.0) / 1e6, c.get("se_blocks", 0.0), c.get("plain_act_mb", 0.0) / 1e6,
                    *(c.get(f"level{k}_ms", 0.0) for k in range(LEVELS)), *(c.get(f"{op}_lookups", 0.0) for op in OP_TERMS))
         return weights, c.get("lookups", 0.0), c.get("one", 0.0)
@@ -326,8 +326,12 @@ class Calibration:
         return ms
 
     @functools.cached_property
+    def _coef_by_term(self) -> dict[str, float]:
+        return dict(zip(CALIBRATION_MODELS[self.model], self.coef[1:]))
+
+    @functools.cached_property
     def _spill_coef(self) -> tuple[float, float, float]:
-        c = dict(zip(CALIBRATION_MODELS[self.model], self.coef[1:]))
+        c = self._coef_by_term
         return c["spilled_lookups"], c["spilled_mb"], c.get("near_spilled_lookups", 0.0)
 
     @property
