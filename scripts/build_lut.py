@@ -13,7 +13,7 @@ import sys
 
 from nas.cli import ArgumentParser, add_target_arguments
 from nas.errors import exit_on_user_error
-from nas.latency.build import (CALIBRATION_ARCHS, build_table, default_num_classes, estimate_build_seconds,
+from nas.latency.build import (CALIBRATION_ARCHS, PASSES, build_table, default_num_classes, estimate_build_seconds,
                                refit_calibration)
 from nas.latency.measure import AGGREGATES, Protocol
 from nas.latency.table import LatencyTable, default_table_path
@@ -34,6 +34,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"whole networks measured for calibration (default {CALIBRATION_ARCHS}; a fifth of them "
                         "the fastest of many random ones)")
     p.add_argument("--calibration-seed", type=int, default=0, help="random.Random seed of those networks")
+    p.add_argument("--passes", type=int, default=PASSES,
+                   help=f"passes over every entry and network, minutes apart (default {PASSES}): entries keep their "
+                        "fastest, networks their mean")
     p.add_argument("--fresh", action="store_true", help="discard an unfinished build or an existing table")
     p.add_argument("--refit", action="store_true",
                    help="measure nothing: fit the calibration of the existing --out table again to the networks it keeps")
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     protocol = Protocol(sessions=args.sessions, aggregate=args.aggregate)
     if args.estimate:
         estimate = estimate_build_seconds(space, target, resolution=resolution, num_classes=num_classes,
-                                          sample=args.estimate, protocol=protocol)
+                                          sample=args.estimate, protocol=protocol, passes=args.passes)
         print(json.dumps(estimate))
         return 0
     out = args.out or default_table_path(space.name, resolution, target)
@@ -67,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         table = build_table(space, target, out, resolution=resolution, num_classes=num_classes, protocol=protocol,
                             calibration_archs=args.calibration_archs, calibration_seed=args.calibration_seed,
-                            fresh=args.fresh, progress=not args.quiet)
+                            passes=args.passes, fresh=args.fresh, progress=not args.quiet)
     except KeyboardInterrupt:
         print(f"\ninterrupted: progress is kept in {out}.partial; run the same command to resume", file=sys.stderr)
         return 130
