@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--calibration-seed", type=int, default=0, help="random.Random seed of those networks")
     p.add_argument("--passes", type=int, default=PASSES,
                    help=f"passes over every entry and network, minutes apart (default {PASSES}): entries keep their "
-                        "fastest, networks their mean")
+                        "fastest, networks their geometric mean")
     p.add_argument("--fresh", action="store_true", help="discard an unfinished build or an existing table")
     p.add_argument("--refit", action="store_true",
                    help="measure nothing: fit the calibration of the existing --out table again to the networks it keeps")

@@ -505,11 +505,11 @@ def test_passes_keep_fastest_entry_and_mean_network_and_resume(micro, tmp_path, 
     monkeypatch.setattr(build, "export_onnx", lambda arch, **kwargs: arch.to_string().encode())
     monkeypatch.setattr(build, "measure_models", fake_measure)
     out, keys = tmp_path / "p.json", _all_keys(micro, 10)
-    assert build_table(micro, get_target("cpu"), out, protocol=FAST, calibration_archs=6, stop_after=len(keys) + 3,
-                       progress=False) is None
+    assert build_table(micro, get_target("cpu"), out, protocol=FAST, calibration_archs=6, passes=2,
+                       stop_after=len(keys) + 3, progress=False) is None
     assert sum(calls) == len(keys) + 6 + 3  # pass 1 of everything, then 3 entries of pass 2
     calls.clear()
-    table = build_table(micro, get_target("cpu"), out, protocol=FAST, calibration_archs=6, progress=False)
+    table = build_table(micro, get_target("cpu"), out, protocol=FAST, calibration_archs=6, passes=2, progress=False)
     assert sum(calls) == len(keys) - 3 + 6 and set(times_measured.values()) == {2}
     assert table.metadata["passes"] == 2
     for key in keys:
