@@ -230,10 +230,10 @@ class _Measurer:
         for number in range(1, UNSTABLE_PASSES + 1):
             redo: dict[int, list[str]] = {}
             for name in names:
-                if not self.combined(kind, name).stable:
-                    for pass_number, m in self.partial.passes_of(kind, name).items():
-                        if not m.stable:
-                            redo.setdefault(pass_number, []).append(name)
+                passes = self.partial.passes_of(kind, name)
+                if not COMBINE[kind](passes.values()).stable:
+                    for pass_number in (p for p, m in passes.items() if not m.stable):
+                        redo.setdefault(pass_number, []).append(name)
             if not redo:
                 return
             count = sum(map(len, redo.values()))
