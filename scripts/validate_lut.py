@@ -16,7 +16,7 @@ from nas.cli import ArgumentParser, add_target_arguments
 from nas.errors import exit_on_user_error
 from nas.latency.table import LatencyTable, default_table_path
 from nas.latency.targets import get_target
-from nas.latency.validate import format_summary, plot_validation, validate_table
+from nas.latency.validate import VALIDATION_PASSES, format_summary, plot_validation, validate_table
 from nas.space import load_space
 
 
@@ -30,6 +30,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-anchor", action="store_true",
                    help="skip timing the table's calibration networks again (which re-anchors the figures to the "
                         "machine's speed of the moment)")
+    p.add_argument("--passes", type=int, default=VALIDATION_PASSES,
+                   help=f"measure every network this many times, minutes apart, and keep the geometric mean "
+                        f"(default {VALIDATION_PASSES})")
     p.add_argument("--json", help="write the summary and per-network rows here")
     p.add_argument("--plot", help="predicted-vs-measured PNG (default: the --json file with .png, else "
                                   "<table name>-validation.png here)")
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     table = LatencyTable.load(path, expect_target=target.name, expect_threads=target.threads, expect_batch=target.batch)
     table.check_machine_speed(target)  # warns when the table comes from a faster or slower machine
     report = validate_table(table, space, target, args.n, args.seed, progress=not args.quiet,
-                            anchor=not args.no_anchor)
+                            anchor=not args.no_anchor, passes=args.passes)
     print(format_summary(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
