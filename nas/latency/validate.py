@@ -2,7 +2,7 @@
 
 The networks are sampled with ``random.Random(seed)`` and any that calibrated the table are skipped,
 so the figures are out of sample. They are measured with the table's own protocol, sessions
-interleaved. Accuracy (share within +-5% / +-10%, mean absolute % error) and rank agreement
+interleaved, in ``VALIDATION_PASSES`` passes whose geometric mean is each network's figure. Accuracy (share within +-5% / +-10%, mean absolute % error) and rank agreement
 (Spearman, Kendall) are reported next to FLOPs' rank agreement, the naive predictor a table must beat.
 """
 
