@@ -160,7 +160,7 @@ def validate_table(table: LatencyTable, space: SearchSpace, target: Target, n: i
     repeats = np.array([now / row["measured_ms"] for now, row in zip(anchors_now, anchors)])
     speed = float(np.median(repeats)) if anchors else None
     # a network's speed over the passes: the geometric mean, as its measured figure is
-    local = np.exp(np.mean(np.log(speeds), axis=0)) if anchors else None
+    local = stats.gmean(speeds, axis=0) if anchors else None
     rows = []
     for i, (arch, pred, m) in enumerate(zip(archs, predicted, measured)):
         cost = arch_cost(arch, num_classes)
