@@ -96,8 +96,8 @@ class MainJob:
         self.table_path = path
         self.speed_ratio = table.check_machine_speed(self.target)  # nothing runs yet: a fair comparison
         if self.speed_ratio is not None:
-            self.log(f"latency table {path}: this machine runs its reference block at {self.speed_ratio:.2f}x "
-                     "the table machine's time")
+            self.log(f"latency table {path}: this machine runs its calibration networks at {self.speed_ratio:.2f}x "
+                     "their time in the table")
         return table
 
     def predictor(self, table) -> Callable[[Arch], float]:

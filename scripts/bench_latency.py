@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
             target = get_target(args.target, threads, args.batch)
             path = default_table_path(space.name, space.resolution, target)
             table = LatencyTable.load(path, expect_target=target.name, expect_threads=threads, expect_batch=args.batch)
-            table.check_machine_speed(target)  # warns when the table comes from a faster or slower machine
-            result = {"space": space.name, "threads": threads, "table": str(path),
+            speed = table.check_machine_speed(target)  # warns when the table comes from a faster or slower machine
+            result = {"space": space.name, "threads": threads, "table": str(path), "machine_speed_check": speed,
                       "throughput": prediction_throughput(table, space, args.throughput_archs)}
             print(f"{path}: {result['throughput']['per_s']:,} architectures/s predicted")
             if args.n:

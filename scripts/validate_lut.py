@@ -48,9 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     space = load_space(args.space)
     path = args.table or default_table_path(space.name, args.resolution or space.resolution, target)
     table = LatencyTable.load(path, expect_target=target.name, expect_threads=target.threads, expect_batch=target.batch)
-    table.check_machine_speed(target)  # warns when the table comes from a faster or slower machine
+    speed = table.check_machine_speed(target)  # warns when the table comes from a faster or slower machine
     report = validate_table(table, space, target, args.n, args.seed, progress=not args.quiet,
                             anchor=not args.no_anchor, passes=args.passes)
+    report["machine_speed_check"] = speed
     print(format_summary(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")

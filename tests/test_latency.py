@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -373,18 +374,49 @@ def test_load_warns_on_other_conditions(micro_table, tmp_path):
     assert any("threads is 4, this run 1" in m for m in messages)
 
 
+def _with_calibration_times(table, factor, source):
+    """The table as if its machine had run its calibration networks ``factor`` times as long."""
+    data = json.loads(json.dumps(table.to_dict()))  # a copy: to_dict shares the rows
+    for row in data["calibration"]["rows"]:
+        row["measured_ms"] *= factor
+    return LatencyTable.from_dict(data, source)
+
+
 def test_table_from_a_machine_of_another_speed_warns(micro_table):
-    """A VM may report the same CPU model on hosts of different speeds: the reference block tells."""
+    """A VM may report the same CPU model on hosts of different speeds: the table's own calibration
+    networks, timed again here, tell."""
     target = get_target("cpu")
-    here = BusyMonitor(target, Protocol()).reference_ms
     for factor in (10.0, 0.1):  # the table's machine 10x slower, then 10x faster
-        data = micro_table.to_dict()
-        data["metadata"]["reference_ms"] = here * factor
-        table = LatencyTable.from_dict(data, "other.json")
-        with pytest.warns(TableMismatchWarning, match=r"^other.json: this machine runs the reference block .* rebuild it"):
+        table = _with_calibration_times(micro_table, factor, "other.json")
+        with pytest.warns(TableMismatchWarning, match=r"^other.json: 6 of its calibration networks run at .* "
+                                                      r"rebuild it here with python scripts/build_lut.py"):
             ratio = table.check_machine_speed(target)
         assert 0.3 / factor < ratio < 3 / factor  # generous: the machine may be busy
     assert table.check_machine_speed(get_target("cpu", threads=2)) is None  # a 1-thread table: nothing to compare
+    uncalibrated = LatencyTable(micro_table.metadata, micro_table.entries, None, "bare.json")
+    assert uncalibrated.check_machine_speed(target) is None
+
+
+def test_machine_speed_is_the_median_ratio_over_networks_spread_by_latency(micro_table, monkeypatch):
+    rows = sorted(micro_table.calibration.rows, key=lambda row: row["measured_ms"])
+    timed = []
+
+    def measure_slower(archs, target, protocol, num_classes):  # every network 1.2x its table time, one 3x
+        timed.append([arch.to_string() for arch in archs])
+        build_ms = {row["arch"]: row["measured_ms"] for row in rows}
+        return [Measurement(build_ms[a.to_string()] * (3.0 if i == 0 else 1.2), 0, 0, 0, 1, (), 0, 0, True)
+                for i, a in enumerate(archs)]
+
+    monkeypatch.setattr(measure, "measure_archs", measure_slower)
+    with pytest.warns(TableMismatchWarning, match=r"run at 1\.20x their time"):
+        assert micro_table.check_machine_speed(get_target("cpu")) == pytest.approx(1.2)
+    assert timed[-1] == [row["arch"] for row in rows]  # all six, fastest to slowest
+    with pytest.warns(TableMismatchWarning, match=r"^\S+micro.json: 3 of its calibration networks"):
+        micro_table.check_machine_speed(get_target("cpu"), networks=3)
+    assert timed[-1] == [rows[i]["arch"] for i in (0, 2, 5)]  # the fastest, the slowest and one between
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # within the tolerance: silent
+        assert micro_table.check_machine_speed(get_target("cpu"), tolerance=0.25) == pytest.approx(1.2)
 
 
 def test_load_rejects_non_tables(tmp_path):

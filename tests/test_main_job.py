@@ -44,6 +44,8 @@ def test_run_folder_holds_everything(run):
     assert all(b["latency_ms"] > 0 and 0 <= b["accuracy"] <= 1 for b in pareto["baselines"])
     manifest = json.loads((out / "manifest.json").read_text())
     assert {"seed", "versions", "onnxruntime", "cpu", "latency_table_sha256", "command"} <= manifest.keys()
+    # the shipped table's calibration networks timed again here (any machine: only that they were)
+    assert manifest["latency_table_speed_ratio"] > 0 and "runs its calibration networks at" in result.stdout
     report = (out / "report.md").read_text()
     assert best["arch"] in report and "MobileNetV2" in report
 

@@ -64,10 +64,11 @@ from nas.latency.traffic import head_weight_bytes, plain_activation_bytes, weigh
 # 2: entries predict from 'ms', the protocol's aggregate (the fastest run by default), not 'median_ms'
 SCHEMA = 2
 TABLES_DIR = Path("latency_tables")
-# the reference block's best time is compared, not a network's: on one shared VM it read 0.017-0.025 ms
-# within an hour while whole networks kept their speed, and 0.041 ms a week earlier when they ran 2x slower
-SPEED_TOLERANCE = 0.5
-SPEED_READINGS = 10  # sessions of the reference block; the best counts (~0.1 s)
+# a table's machine is gauged by its own calibration networks timed again, not by the reference block:
+# on the development VM that block read 1.43x the table's time at the start of a search whose networks
+# then ran within 2% of the table, and the same within 0.3% while whole networks drifted by 3-5%
+SPEED_NETWORKS = 12  # spread from the table's fastest calibration network to its slowest
+SPEED_TOLERANCE = 0.1  # beyond it, predictions here miss by more than the +-10% a table is built for
 
 
 class MissingEntryError(NasError):
@@ -502,31 +503,34 @@ class LatencyTable:
                               f"may be off (rebuild with scripts/build_lut.py)", TableMismatchWarning, stacklevel=2)
         return table
 
-    def check_machine_speed(self, target: Target, tolerance: float = SPEED_TOLERANCE) -> float | None:
-        """Time the protocol's reference block here and compare it with the table's machine; warn when
-        they differ by more than ``tolerance``. Returns this machine's time over the table's.
+    def check_machine_speed(self, target: Target, tolerance: float = SPEED_TOLERANCE,
+                            networks: int = SPEED_NETWORKS) -> float | None:
+        """Time ``networks`` of the table's own calibration networks here and compare them with their
+        figures in the table; warn when the median ratio is beyond ``tolerance``. Returns that ratio: this
+        machine's time now over the table's, by which its predictions are off here.
 
-        Virtual machines often report one CPU model ("AMD EPYC") for hosts of different speeds, so the
-        model name alone cannot tell that a table comes from elsewhere. Call it only when nothing else
-        runs (it measures), on the target the table was built for.
+        Virtual machines often report one CPU model ("AMD EPYC") for hosts of different speeds, and one
+        host slows down when its neighbours get busy, so the CPU model alone cannot tell. None for a table
+        without calibration networks or of another target, thread count or batch. Call it only when
+        nothing else runs (it measures).
         """
-        then = self.metadata.get("reference_ms")
-        if not then or self.metadata.get("target") != target.name or self.metadata.get("threads") != target.threads:
+        meta = self.metadata
+        rows = sorted(self.calibration.rows, key=lambda row: row["measured_ms"]) if self.calibration else []
+        if not rows or (meta.get("target"), meta.get("threads"), meta.get("batch")) != \
+                (target.name, target.threads, target.batch):
             return None
-        from nas.latency.measure import BusyMonitor, Protocol, measurement_lock  # torch only when checking
+        from nas.latency.measure import Protocol, measure_archs  # torch only when checking
 
-        with measurement_lock():
-            monitor = BusyMonitor(target, Protocol.from_dict(self.metadata.get("protocol", {})))
-            for _ in range(SPEED_READINGS - 3):  # the monitor has taken three
-                monitor.slowdown()
-        now = monitor.reference_ms
-        ratio = now / then
+        picked = [rows[i] for i in sorted({round(i) for i in np.linspace(0, len(rows) - 1, min(networks, len(rows)))})]
+        measured = measure_archs([Arch.parse(row["arch"]) for row in picked], target,
+                                 Protocol.from_dict(meta.get("protocol", {})), self.num_classes)
+        ratio = float(np.median([m.ms / row["measured_ms"] for m, row in zip(measured, picked)]))
         if not 1 / (1 + tolerance) <= ratio <= 1 + tolerance:
             warnings.warn(
-                f"{self.source}: this machine runs the reference block in {now:.4f} ms, the table's machine in "
-                f"{then:.4f} ms ({ratio:.2f}x): the table was measured on another or differently loaded machine "
-                f"and its predictions may be off by about as much; rebuild it here with python scripts/build_lut.py "
-                f"--target {target.name} --threads {target.threads} --space {self.metadata.get('space_file', '<space.yaml>')} "
+                f"{self.source}: {len(picked)} of its calibration networks run at {ratio:.2f}x their time in the "
+                f"table on this machine, so its predictions are off by about as much here: it was measured on "
+                f"another or differently loaded machine; rebuild it here with python scripts/build_lut.py "
+                f"--target {target.name} --threads {target.threads} --space {meta.get('space_file', '<space.yaml>')} "
                 "--fresh", TableMismatchWarning, stacklevel=2)
         return ratio
 

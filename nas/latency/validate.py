@@ -233,6 +233,8 @@ def format_summary(report: dict[str, Any]) -> str:
         f"rank vs measured: table Spearman {corr(report['spearman'])} Kendall {corr(report['kendall'])}   "
         f"FLOPs Spearman {corr(report['flops_spearman'])} Kendall {corr(report['flops_kendall'])}",
         f"unstable measurements: {report['unstable']}",
+        *([f"machine check before validating (LatencyTable.check_machine_speed): the table's calibration networks "
+           f"ran at x{report['machine_speed_check']:.3f} of their table time"] if report.get("machine_speed_check") else []),
         *([f"re-anchored by the table's {a['networks']} calibration networks timed again (machine at "
            f"x{a['speed_ratio']:.3f} of the table's time, x{a['speed_range'][0]:.3f}-x{a['speed_range'][1]:.3f} "
            f"by the {a['window']} timed nearest each network): within +-10%: {a['within_10pct']:.1%}   within +-5%: "
