@@ -13,7 +13,7 @@ import sys
 
 from nas.cli import ArgumentParser, add_target_arguments
 from nas.errors import exit_on_user_error
-from nas.latency.build import (CALIBRATION_ARCHS, PASSES, build_table, default_num_classes, estimate_build_seconds,
+from nas.latency.build import (CALIBRATION_ARCHS, CALIBRATION_PASSES, PASSES, build_table, default_num_classes, estimate_build_seconds,
                                refit_calibration)
 from nas.latency.measure import AGGREGATES, Protocol
 from nas.latency.table import LatencyTable, default_table_path
@@ -35,8 +35,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "the fastest of many random ones)")
     p.add_argument("--calibration-seed", type=int, default=0, help="random.Random seed of those networks")
     p.add_argument("--passes", type=int, default=PASSES,
-                   help=f"passes over every entry and network, minutes apart (default {PASSES}): entries keep their "
-                        "fastest, networks their geometric mean")
+                   help=f"passes over every entry, minutes apart (default {PASSES}): each keeps its fastest")
+    p.add_argument("--calibration-passes", type=int, default=CALIBRATION_PASSES,
+                   help=f"passes over the calibration networks (default {CALIBRATION_PASSES}), each keeping their "
+                        "geometric mean: the calibration's level is the machine's state while they run")
     p.add_argument("--fresh", action="store_true", help="discard an unfinished build or an existing table")
     p.add_argument("--refit", action="store_true",
                    help="measure nothing: fit the calibration of the existing --out table again to the networks it keeps")
@@ -70,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         table = build_table(space, target, out, resolution=resolution, num_classes=num_classes, protocol=protocol,
                             calibration_archs=args.calibration_archs, calibration_seed=args.calibration_seed,
-                            passes=args.passes, fresh=args.fresh, progress=not args.quiet)
+                            passes=args.passes, calibration_passes=args.calibration_passes, fresh=args.fresh,
+                            progress=not args.quiet)
     except KeyboardInterrupt:
         print(f"\ninterrupted: progress is kept in {out}.partial; run the same command to resume", file=sys.stderr)
         return 130

@@ -235,8 +235,9 @@ def test_anchoring_reads_the_machine_speed_from_the_calibration_networks(micro_t
     differences = np.array([row["now_ms"] / row["build_ms"] / halved["speed_ratio"] - 1 for row in halved["rows"]])
     assert halved["repeatability"]["within_5pct"] == np.mean(np.abs(differences) <= 0.05)
     assert halved["repeatability"]["mape"] == pytest.approx(np.mean(np.abs(differences)) * 100)
-    # a one-pass table against two passes now: today's share of the difference is sqrt(1 / 3)
-    assert halved["repeatability"]["perfect_table"]["mape"] == pytest.approx(halved["repeatability"]["mape"] / np.sqrt(3))
+    # calibration networks timed in 3 passes at the build against 2 now: today's share of the difference is sqrt(3 / 5)
+    assert micro_table.metadata["calibration_passes"] == 3
+    assert halved["repeatability"]["perfect_table"]["mape"] == pytest.approx(halved["repeatability"]["mape"] * np.sqrt(3 / 5))
     assert validate_table(micro_table, micro, target, n=2, seed=3, protocol=protocol, progress=False,
                           anchor=False).get("anchored") is None
 
@@ -473,7 +474,8 @@ def test_interrupted_build_resumes(tmp_path, monkeypatch):
     table = build_table(tiny, target, out, protocol=FAST, calibration_archs=4, passes=1, progress=False)
     keys = _all_keys(tiny, 10)
     assert len(keys) > 300
-    assert sum(measured) == len(keys) - 100 + 4  # the remaining entries, then the calibration networks
+    # the remaining entries, then the calibration networks in each of their passes
+    assert sum(measured) == len(keys) - 100 + 4 * build.CALIBRATION_PASSES
     assert set(table.entries) == keys
     for record in first:  # kept, not measured again
         assert table.entries[record["entry"]]["ms"] == round(record["m"]["ms"], 6)
@@ -518,8 +520,9 @@ def test_build_script_resumes_after_ctrl_c(tmp_path):
 
 
 def test_passes_keep_fastest_entry_and_mean_network_and_resume(micro, tmp_path, monkeypatch):
-    """Two passes: an entry keeps its faster pass, a calibration network the geometric mean of both;
-    a build interrupted in the second pass measures only what that pass still lacks."""
+    """Two passes over the entries and three over the calibration networks (one after each entry pass,
+    the third at the end): an entry keeps its fastest pass, a calibration network the geometric mean
+    of its three; a build interrupted in the second entry pass measures only what it still lacks."""
     base = lambda name: 0.01 + (sum(map(ord, name)) % 97) / 1000  # noqa: E731 - a fixed figure per model
     times_measured: dict[str, int] = {}
     calls = []
@@ -530,7 +533,7 @@ def test_passes_keep_fastest_entry_and_mean_network_and_resume(micro, tmp_path, 
         for model in models:
             name = model.decode()
             n = times_measured[name] = times_measured.get(name, 0) + 1
-            ms = base(name) * (1.0, 0.5)[n - 1]  # the second pass finds each model twice as fast
+            ms = base(name) * (1.0, 0.5, 0.25)[n - 1]  # each pass finds each model twice as fast
             out.append(Measurement(ms, ms, ms, ms, 3, (ms,), 0.0, 0.0, True))
         return out
 
@@ -538,19 +541,20 @@ def test_passes_keep_fastest_entry_and_mean_network_and_resume(micro, tmp_path, 
     monkeypatch.setattr(build, "export_onnx", lambda arch, **kwargs: arch.to_string().encode())
     monkeypatch.setattr(build, "measure_models", fake_measure)
     out, keys = tmp_path / "p.json", _all_keys(micro, 10)
-    assert build_table(micro, get_target("cpu"), out, protocol=FAST, calibration_archs=6, passes=2,
-                       stop_after=len(keys) + 3, progress=False) is None
+    settings = dict(protocol=FAST, calibration_archs=6, passes=2, calibration_passes=3, progress=False)
+    assert build_table(micro, get_target("cpu"), out, stop_after=len(keys) + 3, **settings) is None
     assert sum(calls) == len(keys) + 6 + 3  # pass 1 of everything, then 3 entries of pass 2
     calls.clear()
-    table = build_table(micro, get_target("cpu"), out, protocol=FAST, calibration_archs=6, passes=2, progress=False)
-    assert sum(calls) == len(keys) - 3 + 6 and set(times_measured.values()) == {2}
-    assert table.metadata["passes"] == 2
+    table = build_table(micro, get_target("cpu"), out, **settings)
+    assert sum(calls) == len(keys) - 3 + 6 + 6
+    assert {times_measured[key] for key in keys} == {2}
+    rows = table.calibration.rows
+    assert len(rows) == 6 and {times_measured[row["arch"]] for row in rows} == {3}
+    assert (table.metadata["passes"], table.metadata["calibration_passes"]) == (2, 3)
     for key in keys:
         assert table.entries[key]["ms"] == pytest.approx(0.5 * base(key), abs=1e-6)
-    rows = table.calibration.rows
-    assert len(rows) == 6
     for row in rows:
-        assert row["measured_ms"] == pytest.approx(0.5 ** 0.5 * base(row["arch"]))
+        assert row["measured_ms"] == pytest.approx(0.125 ** (1 / 3) * base(row["arch"]))
 
 
 def test_resume_refuses_other_settings_and_existing_table(micro, micro_table, tmp_path):

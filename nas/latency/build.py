@@ -6,12 +6,14 @@ input shape, and measured with the protocol of ``nas.latency.measure``, in chunk
 interleaved. Entries are measured in a fixed shuffled order so that a noisy spell of the machine
 spreads over all stages rather than biasing one.
 
-With ``passes`` > 1 everything is measured that many times, minutes apart: the machine's state (its
+With ``passes`` > 1 every entry is measured that many times, minutes apart: the machine's state (its
 neighbours' use of the shared cache and memory bus) drifts over minutes, and one pass times every
 model in one state of it. An entry keeps its fastest figure over the passes, the protocol's own
-statistic over sessions spread in time; a calibration network keeps the geometric mean of its
-passes, because the calibration maps entries to what one measurement of a network reads (a
-search's end-to-end figure, a validation's), which the fastest of several would undercut. Entries
+statistic over sessions spread in time. The calibration networks get ``calibration_passes`` passes
+of their own (one after each pass over the entries, the rest back to back at the end) and each keeps
+the geometric mean of its passes, because the calibration maps entries to what one measurement of a
+network reads (a search's end-to-end figure, a validation's), which the fastest of several would
+undercut, and the level of the whole fit is set by the machine's state while they were timed. Entries
 and calibration networks left unstable (sessions disagreeing, or the machine busy: see
 ``nas.latency.measure``) get up to ``UNSTABLE_PASSES`` more passes at the end, and the fastest
 figure of a pass is kept.
@@ -72,6 +74,14 @@ FAST_POOL = 20
 # the one-pass one outright: the drift between a build and its use outweighs the noise a pass removes,
 # so the default keeps the build at half the time
 PASSES = 1
+# passes over the calibration networks (--calibration-passes), each network keeping their geometric
+# mean: the fit's level is the machine's state while they were timed, which on the AMD VM wandered
+# between x0.99 and x1.04 of a table's build within half an hour. Fitted on one pass of mnasnet.yaml's
+# 150 networks timed at one of 10 other moments of that half hour, the table predicted 300 held-out
+# networks within +-5% for 88% on average (worst of 10 draws 83%), on the mean of 3 passes 91% (worst
+# 89%), of 4 the same; 100 other networks 86% (80%), 89% (84%) and 89% (86%). A pass takes ~1 min at
+# 32 px, ~3 min at 224
+CALIBRATION_PASSES = 3
 
 
 def default_num_classes(resolution: int) -> int:
@@ -121,7 +131,8 @@ def _file_sha256(path: str) -> str | None:
 
 
 def _settings(space: SearchSpace, target: Target, resolution: int, num_classes: int, opset: int,
-              protocol: Protocol, calibration_archs: int, calibration_seed: int, passes: int) -> dict[str, Any]:
+              protocol: Protocol, calibration_archs: int, calibration_seed: int, passes: int,
+              calibration_passes: int) -> dict[str, Any]:
     """What a table's numbers depend on; a resumed build must match it field for field."""
     return {
         **target.settings(),
@@ -129,6 +140,7 @@ def _settings(space: SearchSpace, target: Target, resolution: int, num_classes: 
         "cpu": cpu_model(), "space": space.name, "space_file": space.source, "space_sha256": _file_sha256(space.source),
         "resolution": resolution, "num_classes": num_classes, "protocol": protocol.to_dict(),
         "calibration_archs": calibration_archs, "calibration_seed": calibration_seed, "passes": passes,
+        "calibration_passes": calibration_passes,
     }
 
 
@@ -260,19 +272,20 @@ def build_table(
     calibration_archs: int = CALIBRATION_ARCHS,
     calibration_seed: int = 0,
     passes: int = PASSES,
+    calibration_passes: int = CALIBRATION_PASSES,
     chunk: int = 32,
     fresh: bool = False,
     stop_after: int | None = None,
     progress: bool = True,
 ) -> LatencyTable | None:
-    """Measure every block context of ``space`` and ``calibration_archs`` whole networks, each in
-    ``passes`` passes; write ``out``.
+    """Measure every block context of ``space`` in ``passes`` passes and ``calibration_archs`` whole
+    networks in ``calibration_passes``; write ``out``.
 
     Resumes from ``<out>.partial`` unless ``fresh``. ``stop_after`` measures at most that many new
     entries and returns None, leaving the sidecar to resume from (as an interrupted build would).
     """
-    if passes < 1:
-        raise NasError(f"--passes must be at least 1, got {passes}")
+    if passes < 1 or calibration_passes < 1:
+        raise NasError(f"--passes and --calibration-passes must be at least 1, got {passes} and {calibration_passes}")
     out = Path(out)
     sidecar = out.with_name(out.name + ".partial")
     if out.exists() and not sidecar.exists() and not fresh:
@@ -281,7 +294,7 @@ def build_table(
     num_classes = num_classes or default_num_classes(resolution)
     space = with_resolution(space, resolution)
     settings = _settings(space, target, resolution, num_classes, opset, protocol, calibration_archs, calibration_seed,
-                         passes)
+                         passes, calibration_passes)
     started = time.perf_counter()
     partial = _Partial(sidecar, settings, fresh)
     measurer = _Measurer(partial, target, protocol, chunk, progress)
@@ -299,6 +312,12 @@ def build_table(
 
     left = stop_after  # new entries this run may still measure (None: all)
     archs: dict[str, Arch] = {}
+
+    def calibrate(number: int) -> None:
+        names = [name for name in archs if name not in partial.measured("calibration", number)]
+        of = f", pass {number} of {calibration_passes}" if calibration_passes > 1 else ""
+        measurer.run("calibration", number, names, network_model, len(archs), f"calibration networks{of}")
+
     for number in range(1, passes + 1):
         todo = [key for key in order if key not in partial.measured("entry", number)]
         now = todo if left is None else todo[:left]
@@ -312,8 +331,10 @@ def build_table(
                                  None, str(out))
             archs = {arch.to_string(): arch for arch in calibration_networks(
                 space, calibration_archs, calibration_seed, lambda arch: first.predict_raw(arch)[0])}
-        names = [name for name in archs if name not in partial.measured("calibration", number)]
-        measurer.run("calibration", number, names, network_model, len(archs), f"calibration networks{of}")
+        if number <= calibration_passes:
+            calibrate(number)
+    for number in range(passes + 1, calibration_passes + 1):
+        calibrate(number)
     measurer.again("entry", order, entry_model)
     measurer.again("calibration", list(archs), network_model)
 

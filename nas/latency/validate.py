@@ -201,7 +201,7 @@ def validate_table(table: LatencyTable, space: SearchSpace, target: Target, n: i
         # today's share of the difference is sqrt(built / (built + now)) in passes: what even a perfect
         # table would score against today's measurements
         differences = (repeats / speed - 1) * 100
-        built = table.metadata.get("passes", 1)
+        built = table.metadata.get("calibration_passes", table.metadata.get("passes", 1))
         today = math.sqrt(built / (built + passes))
         scaled = np.array([(r["predicted_ms"] * speed - r["measured_ms"]) / r["measured_ms"] * 100 for r in rows])
         summary["anchored"] = {"networks": len(anchors), "window": min(ANCHOR_WINDOW, len(anchors)),
