@@ -13,8 +13,8 @@ import sys
 
 from nas.cli import ArgumentParser, add_target_arguments
 from nas.errors import exit_on_user_error
-from nas.latency.build import (CALIBRATION_ARCHS, CALIBRATION_PASSES, PASSES, build_table, default_num_classes, estimate_build_seconds,
-                               refit_calibration)
+from nas.latency.build import (CALIBRATION_ARCHS, CALIBRATION_PASSES, PASSES, build_table, default_num_classes,
+                               estimate_build_seconds, refit_calibration)
 from nas.latency.measure import AGGREGATES, Protocol
 from nas.latency.table import LatencyTable, default_table_path
 from nas.latency.targets import get_target
