@@ -94,11 +94,27 @@ class MainJob:
             raise NasError(f"{path}: table built at resolution {table.metadata['resolution']}, the search runs at "
                            f"{self.resolution}; build one with scripts/build_lut.py --resolution {self.resolution}")
         self.table_path = path
-        self.speed_ratio = table.check_machine_speed(self.target)  # nothing runs yet: a fair comparison
+        self.speed_ratio = self.machine_speed(table)
         if self.speed_ratio is not None:
-            self.log(f"latency table {path}: this machine runs its calibration networks at {self.speed_ratio:.2f}x "
-                     "their time in the table")
+            table.speed_ratio = self.speed_ratio  # predict at this machine's speed, not the build's
         return table
+
+    def machine_speed(self, table) -> float | None:
+        """The table's calibration networks' time here over their time in it, measured once per run
+        folder and reused on resume: the trials of a resumed search are predicted alike."""
+        saved = self.run_dir / "machine_speed.json"
+        digest = hashlib.sha256(self.table_path.read_bytes()).hexdigest()
+        if saved.exists() and (record := json.loads(saved.read_text())).get("table_sha256") == digest:
+            ratio = record["speed_ratio"]
+            when = "when this run started"
+        else:
+            ratio = table.check_machine_speed(self.target)  # nothing runs yet: a fair comparison
+            saved.write_text(json.dumps({"speed_ratio": ratio, "table_sha256": digest}, indent=2))
+            when = "now"
+        if ratio is not None:
+            self.log(f"latency table {self.table_path}: this machine runs its calibration networks at {ratio:.3f}x "
+                     f"their time in the table ({when}); predictions are scaled by it")
+        return ratio
 
     def predictor(self, table) -> Callable[[Arch], float]:
         return lambda arch: table.predict(arch, self.data.num_classes)

@@ -50,11 +50,13 @@ def main(argv: list[str] | None = None) -> int:
             target = get_target(args.target, threads, args.batch)
             path = default_table_path(space.name, space.resolution, target)
             table = LatencyTable.load(path, expect_target=target.name, expect_threads=threads, expect_batch=args.batch)
-            speed = table.check_machine_speed(target)  # warns when the table comes from a faster or slower machine
-            result = {"space": space.name, "threads": threads, "table": str(path), "machine_speed_check": speed,
+            result = {"space": space.name, "threads": threads, "table": str(path),
                       "throughput": prediction_throughput(table, space, args.throughput_archs)}
             print(f"{path}: {result['throughput']['per_s']:,} architectures/s predicted")
             if args.n:
+                # warns when the table comes from a faster or slower machine; predictions at its speed now
+                result["machine_speed_check"] = speed = table.check_machine_speed(target)
+                table.speed_ratio = speed or 1.0
                 report = validate_table(table, space, target, args.n, args.seed)
                 print(format_summary(report))
                 result["validation"] = report

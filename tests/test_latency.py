@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import json
+import math
 import random
 import signal
 import subprocess
@@ -398,26 +399,47 @@ def test_table_from_a_machine_of_another_speed_warns(micro_table):
     assert uncalibrated.check_machine_speed(target) is None
 
 
-def test_machine_speed_is_the_median_ratio_over_networks_spread_by_latency(micro_table, monkeypatch):
-    rows = sorted(micro_table.calibration.rows, key=lambda row: row["measured_ms"])
-    timed = []
+def test_machine_speed_is_the_median_ratio_of_networks_timed_in_shuffled_passes(micro_table, monkeypatch):
+    """Pass 1 times every network 1.1x its table figure and pass 2 1.3x, one network 3x in both:
+    the ratio is the median over networks of their passes' geometric mean, sqrt(1.1 * 1.3)."""
+    build_ms = {row["arch"]: row["measured_ms"] for row in micro_table.calibration.rows}
+    passes = []
 
-    def measure_slower(archs, target, protocol, num_classes):  # every network 1.2x its table time, one 3x
-        timed.append([arch.to_string() for arch in archs])
-        build_ms = {row["arch"]: row["measured_ms"] for row in rows}
-        return [Measurement(build_ms[a.to_string()] * (3.0 if i == 0 else 1.2), 0, 0, 0, 1, (), 0, 0, True)
-                for i, a in enumerate(archs)]
+    def measure_slower(archs, target, protocol, num_classes, monitor):
+        factor = (1.1, 1.3)[len(passes) % 2]
+        passes.append([arch.to_string() for arch in archs])
+        return [Measurement(build_ms[a.to_string()] * (3.0 if a.to_string() == passes[0][0] else factor),
+                            0, 0, 0, 1, (), 0, 0, True) for a in archs]
 
     monkeypatch.setattr(measure, "measure_archs", measure_slower)
-    with pytest.warns(TableMismatchWarning, match=r"run at 1\.20x their time"):
-        assert micro_table.check_machine_speed(get_target("cpu")) == pytest.approx(1.2)
-    assert timed[-1] == [row["arch"] for row in rows]  # all six, fastest to slowest
+    monkeypatch.setattr(measure, "BusyMonitor", lambda *args: None)
+    ratio = math.sqrt(1.1 * 1.3)
+    with pytest.warns(TableMismatchWarning, match=r"^\S+micro.json: 6 of its calibration networks run at 1\.20x"):
+        assert micro_table.check_machine_speed(get_target("cpu")) == pytest.approx(ratio)
+    assert len(passes) == 2 and sorted(passes[0]) == sorted(passes[1]) == sorted(build_ms)
+    assert passes[0] != passes[1]  # each pass in its own order
+    passes.clear()
     with pytest.warns(TableMismatchWarning, match=r"^\S+micro.json: 3 of its calibration networks"):
-        micro_table.check_machine_speed(get_target("cpu"), networks=3)
-    assert timed[-1] == [rows[i]["arch"] for i in (0, 2, 5)]  # the fastest, the slowest and one between
+        assert micro_table.check_machine_speed(get_target("cpu"), networks=3, passes=4) == pytest.approx(ratio)
+    assert len(passes) == 4 and len(set(passes[0])) == 3 and all(sorted(p) == sorted(passes[0]) for p in passes)
+    passes.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # within the tolerance: silent
-        assert micro_table.check_machine_speed(get_target("cpu"), tolerance=0.25) == pytest.approx(1.2)
+        assert micro_table.check_machine_speed(get_target("cpu"), tolerance=0.25) == pytest.approx(ratio)
+
+
+def test_speed_ratio_scales_every_prediction(micro_table, micro):
+    archs = sample_archs(micro, 6, seed=5)
+    built = micro_table.predict_many(archs)
+    specs = [resolve(arch, 10) for arch in archs]
+    built_specs = [micro_table.predict_specs(*s) for s in specs]
+    micro_table.speed_ratio = 1.25
+    assert micro_table.predict_many(archs) == pytest.approx([1.25 * ms for ms in built])
+    assert [micro_table.predict_specs(*s) for s in specs] == pytest.approx([1.25 * ms for ms in built_specs])
+    bare = LatencyTable(micro_table.metadata, micro_table.entries, None)
+    raw = bare.predict_many(archs)
+    bare.speed_ratio = 0.5
+    assert bare.predict_many(archs) == pytest.approx([0.5 * ms for ms in raw])
 
 
 def test_load_rejects_non_tables(tmp_path):
@@ -832,10 +854,12 @@ def test_local_speed_follows_a_drifting_machine():
     assert local_speed(positions[:6], ratios[:6], [5, 195]) == pytest.approx([np.median(ratios[:6])] * 2)
 
 
+@pytest.mark.parametrize("speed_ratio", [1.0, 1.1])
 def test_validation_passes_combine_by_geometric_mean_each_anchored_in_its_own_pass(micro_table, micro,
-                                                                                   monkeypatch):
-    """Pass 2 finds the machine 21% slower than pass 1 for every network: each network measures 1.1x its
-    prediction on average, and its speed factor, read from the anchors of each pass, is 1.1x too."""
+                                                                                   monkeypatch, speed_ratio):
+    """Pass 2 finds the machine 21% slower than pass 1 for every network: each network measures 1.1x the
+    table's prediction as built on average, and its speed factor, read from the anchors of each pass, is
+    1.1x too. A table re-levelled by 1.1 (the machine check's ratio) then predicts every network exactly."""
     built = {row["arch"]: row["measured_ms"] for row in micro_table.calibration.rows}
     orders = []
 
@@ -843,23 +867,34 @@ def test_validation_passes_combine_by_geometric_mean_each_anchored_in_its_own_pa
         factor = 1.21 ** len(orders)
         orders.append([arch.key for arch in archs])
         progress(len(archs))
-        figures = [built.get(arch.to_string()) or micro_table.predict_many([arch])[0] for arch in archs]
+        figures = [built.get(arch.to_string()) or micro_table.predict(arch) / speed_ratio for arch in archs]
         return [Measurement(ms=factor * ms, median_ms=1.0, p10_ms=1.0, p90_ms=1.0, count=1, sessions_ms=(1.0,),
                             spread=0.0, slowdown=0.0, stable=True) for ms in figures]
 
     monkeypatch.setattr(validate, "measure_archs", fake_measure)
+    micro_table.speed_ratio = speed_ratio
     report = validate_table(micro_table, micro, get_target("cpu"), n=4, seed=1, protocol=FAST, progress=False,
                             passes=2)
     assert len(orders) == 2 and sorted(orders[0]) == sorted(orders[1]) and orders[0] != orders[1]
     assert len(orders[0]) == 4 + len(micro_table.calibration.rows)
     for row in report["rows"]:
-        assert row["passes_ms"] == pytest.approx([row["predicted_ms"], 1.21 * row["predicted_ms"]])
-        assert row["measured_ms"] == pytest.approx(1.1 * row["predicted_ms"])
+        built = row["as_built_ms"]
+        assert row["predicted_ms"] == pytest.approx(speed_ratio * built)
+        assert row["passes_ms"] == pytest.approx([built, 1.21 * built])
+        assert row["measured_ms"] == pytest.approx(1.1 * built)
         assert row["pass_speeds"] == pytest.approx([1.0, 1.21]) and row["speed"] == pytest.approx(1.1)
-        assert row["error_pct"] == pytest.approx((1 / 1.1 - 1) * 100) and row["anchored_error_pct"] == pytest.approx(0)
+        assert row["error_pct"] == pytest.approx((speed_ratio / 1.1 - 1) * 100)
+        assert row["anchored_error_pct"] == pytest.approx(0)  # anchoring starts from the table as built
     anchored = report["anchored"]
     assert anchored["speed_ratio"] == pytest.approx(1.1) and anchored["within_5pct"] == 1.0
-    assert anchored["pass_spread"]["mape"] == pytest.approx(0) and report["within_5pct"] == 0.0
+    assert anchored["global"]["mape"] == pytest.approx(0)
+    assert anchored["pass_spread"]["mape"] == pytest.approx(0)
+    assert report["speed_ratio"] == speed_ratio and report["within_5pct"] == (speed_ratio == 1.1)
+    if speed_ratio == 1.0:
+        assert "as_built" not in report
+    else:
+        assert report["as_built"]["within_5pct"] == 0.0
+        assert report["as_built"]["mean_error_pct"] == pytest.approx((1 / 1.1 - 1) * 100)
     with pytest.raises(NasError, match="--passes must be at least 1"):
         validate_table(micro_table, micro, get_target("cpu"), n=4, seed=1, protocol=FAST, passes=0)
 

@@ -44,8 +44,11 @@ def test_run_folder_holds_everything(run):
     assert all(b["latency_ms"] > 0 and 0 <= b["accuracy"] <= 1 for b in pareto["baselines"])
     manifest = json.loads((out / "manifest.json").read_text())
     assert {"seed", "versions", "onnxruntime", "cpu", "latency_table_sha256", "command"} <= manifest.keys()
-    # the shipped table's calibration networks timed again here (any machine: only that they were)
-    assert manifest["latency_table_speed_ratio"] > 0 and "runs its calibration networks at" in result.stdout
+    # the shipped table's calibration networks timed again here (any machine: only that they were), and
+    # the search's predictions scaled by their ratio
+    ratio = json.loads((out / "machine_speed.json").read_text())["speed_ratio"]
+    assert manifest["latency_table_speed_ratio"] == ratio > 0
+    assert f"runs its calibration networks at {ratio:.3f}x their time in the table (now)" in result.stdout
     report = (out / "report.md").read_text()
     assert best["arch"] in report and "MobileNetV2" in report
 
@@ -56,6 +59,7 @@ def test_same_command_resumes_without_retraining(run):
     again = run_script("search.py", *ARGS, "--out", str(out))
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming" in again.stdout and "3 finished trials" in again.stdout
+    assert "their time in the table (when this run started)" in again.stdout  # predicted as before
     assert (out / "trials.jsonl").read_text() == before  # nothing trained twice
 
 

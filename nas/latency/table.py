@@ -47,6 +47,7 @@ import json
 import math
 import operator
 import os
+import random
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,8 +67,13 @@ SCHEMA = 2
 TABLES_DIR = Path("latency_tables")
 # a table's machine is gauged by its own calibration networks timed again, not by the reference block:
 # on the development VM that block read 1.43x the table's time at the start of a search whose networks
-# then ran within 2% of the table, and the same within 0.3% while whole networks drifted by 3-5%
-SPEED_NETWORKS = 12  # spread from the table's fastest calibration network to its slowest
+# then ran within 2% of the table, and the same within 0.3% while whole networks drifted by 3-5%;
+# and they are timed as a validation times them. 12 of them, ordered by latency, in one pass read
+# x0.925-x0.989 of the build just before four validations (2026-12-04) whose 150 re-timed calibration
+# networks then read x1.001-x1.016; 60 of them shuffled, in two passes (~50 s at 32 px), read 0.8-1.5%
+# below those, and the same 12 alone scattered by 3% back to back
+SPEED_NETWORKS = 60
+SPEED_PASSES = 2
 SPEED_TOLERANCE = 0.1  # beyond it, predictions here miss by more than the +-10% a table is built for
 
 
@@ -459,6 +465,10 @@ class LatencyTable:
         self.entries = entries
         self.calibration = calibration
         self.source = source
+        # every prediction is multiplied by it: 1.0 predicts at the machine's speed during the build; runs
+        # set it to ``check_machine_speed()`` to predict at this machine's speed now (this VM drifts by 3%
+        # within the hour, and a VM reporting the same CPU model may run on a slower host)
+        self.speed_ratio = 1.0
         self._ms = {key: entry["ms"] for key, entry in entries.items()}
         # (layer, (in_ch, size)) -> (its row, (out_ch, out_size)): resolving a layer costs far more than
         # this lookup, and a space has few distinct layer contexts; likewise heads. A row is (ms, weight
@@ -504,10 +514,12 @@ class LatencyTable:
         return table
 
     def check_machine_speed(self, target: Target, tolerance: float = SPEED_TOLERANCE,
-                            networks: int = SPEED_NETWORKS) -> float | None:
-        """Time ``networks`` of the table's own calibration networks here and compare them with their
-        figures in the table; warn when the median ratio is beyond ``tolerance``. Returns that ratio: this
-        machine's time now over the table's, by which its predictions are off here.
+                            networks: int = SPEED_NETWORKS, passes: int = SPEED_PASSES) -> float | None:
+        """This machine's time now over the table's, read from ``networks`` of the table's own
+        calibration networks timed again, as a validation times them: a seeded random sample, shuffled
+        anew in each of ``passes`` passes, each network the geometric mean of its passes. Returns the
+        median ratio (set ``speed_ratio`` to it to predict at this machine's speed now) and
+        warns when it lies beyond ``tolerance``.
 
         Virtual machines often report one CPU model ("AMD EPYC") for hosts of different speeds, and one
         host slows down when its neighbours get busy, so the CPU model alone cannot tell. None for a table
@@ -515,16 +527,25 @@ class LatencyTable:
         nothing else runs (it measures).
         """
         meta = self.metadata
-        rows = sorted(self.calibration.rows, key=lambda row: row["measured_ms"]) if self.calibration else []
+        rows = list(self.calibration.rows) if self.calibration else []
         if not rows or (meta.get("target"), meta.get("threads"), meta.get("batch")) != \
                 (target.name, target.threads, target.batch):
             return None
-        from nas.latency.measure import Protocol, measure_archs  # torch only when checking
+        from nas.latency.build import combined_network  # torch only when checking
+        from nas.latency.measure import BusyMonitor, Protocol, measure_archs
 
-        picked = [rows[i] for i in sorted({round(i) for i in np.linspace(0, len(rows) - 1, min(networks, len(rows)))})]
-        measured = measure_archs([Arch.parse(row["arch"]) for row in picked], target,
-                                 Protocol.from_dict(meta.get("protocol", {})), self.num_classes)
-        ratio = float(np.median([m.ms / row["measured_ms"] for m, row in zip(measured, picked)]))
+        rng = random.Random(0)
+        picked = rng.sample(rows, min(networks, len(rows)))
+        archs = [Arch.parse(row["arch"]) for row in picked]
+        protocol = Protocol.from_dict(meta.get("protocol", {}))
+        monitor = BusyMonitor(target, protocol, meta.get("reference_ms")) if protocol.reference else None
+        timed: list[list[Any]] = [[] for _ in picked]
+        for _ in range(passes):
+            order = rng.sample(range(len(picked)), len(picked))
+            for i, m in zip(order, measure_archs([archs[i] for i in order], target, protocol, self.num_classes,
+                                                 monitor=monitor)):
+                timed[i].append(m)
+        ratio = float(np.median([combined_network(t).ms / row["measured_ms"] for t, row in zip(timed, picked)]))
         if not 1 / (1 + tolerance) <= ratio <= 1 + tolerance:
             warnings.warn(
                 f"{self.source}: {len(picked)} of its calibration networks run at {ratio:.2f}x their time in the "
@@ -685,21 +706,21 @@ class LatencyTable:
         return total + calibration.spill_ms(len(arch.layers) + 1, nbytes + head_bytes, big)
 
     def predict(self, arch: Arch, num_classes: int | None = None) -> float:
-        """Predicted end-to-end latency in ms (``num_classes`` defaults to the table's)."""
+        """Predicted end-to-end latency in ms, times ``speed_ratio`` (``num_classes`` defaults to the table's)."""
         num_classes = num_classes or self.num_classes
         calibration = self.calibration
         if calibration is not None and (folding := calibration.row_weights) is not None:
             if calibration is not self._folded_for:
                 self._folded, self._folded_for = {}, calibration
-            return self._predict_folded(arch, num_classes, calibration, folding)
+            return self.speed_ratio * self._predict_folded(arch, num_classes, calibration, folding)
         raw, summary = self._memo_summary(arch, num_classes, calibration.smallest_cache_bytes
                                           if calibration else math.inf)
         if calibration is None:
-            return raw
+            return self.speed_ratio * raw
         ms_per_byte = streaming_ms_per_byte(summary.total_bytes, calibration.cache_mb, calibration.bandwidth_gbs)
         if ms_per_byte:  # per block, only for networks whose weights exceed the cache
             raw = self._memo_streamed_sum(arch, num_classes, ms_per_byte)
-        return calibration.combine(raw, summary)
+        return self.speed_ratio * calibration.combine(raw, summary)
 
     def predict_many(self, archs: Iterable[Arch], num_classes: int | None = None) -> list[float]:
         return [self.predict(arch, num_classes) for arch in archs]
@@ -707,4 +728,4 @@ class LatencyTable:
     def predict_specs(self, specs: Iterable[BlockSpec], head: HeadSpec) -> float:
         """Predicted ms from already resolved blocks (as ``nas.blocks.resolve`` returns them)."""
         terms = self.terms_of(specs, head)
-        return self.calibration.apply(terms) if self.calibration else terms.raw_ms
+        return self.speed_ratio * (self.calibration.apply(terms) if self.calibration else terms.raw_ms)
