@@ -95,8 +95,7 @@ class MainJob:
                            f"{self.resolution}; build one with scripts/build_lut.py --resolution {self.resolution}")
         self.table_path = path
         self.speed_ratio = self.machine_speed(table)
-        if self.speed_ratio is not None:
-            table.speed_ratio = self.speed_ratio  # predict at this machine's speed, not the build's
+        table.relevel(self.speed_ratio)
         return table
 
     def machine_speed(self, table) -> float | None:
@@ -113,7 +112,7 @@ class MainJob:
             when = "now"
         if ratio is not None:
             self.log(f"latency table {self.table_path}: this machine runs its calibration networks at {ratio:.3f}x "
-                     f"their time in the table ({when}); predictions are scaled by it")
+                     f"their time in the table ({when})")
         return ratio
 
     def predictor(self, table) -> Callable[[Arch], float]:

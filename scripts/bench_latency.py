@@ -54,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
                       "throughput": prediction_throughput(table, space, args.throughput_archs)}
             print(f"{path}: {result['throughput']['per_s']:,} architectures/s predicted")
             if args.n:
-                # warns when the table comes from a faster or slower machine; predictions at its speed now
+                # warns when the table comes from a faster or slower machine, and predicts at its speed
                 result["machine_speed_check"] = speed = table.check_machine_speed(target)
-                table.speed_ratio = speed or 1.0
+                table.relevel(speed)
                 report = validate_table(table, space, target, args.n, args.seed)
                 print(format_summary(report))
                 result["validation"] = report

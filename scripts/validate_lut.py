@@ -31,9 +31,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="skip timing the table's calibration networks again (which re-anchors the figures to the "
                         "machine's speed of the moment)")
     p.add_argument("--as-built", action="store_true",
-                   help="predict with the table as built, not re-levelled by the machine check (which times 60 of "
-                        "its calibration networks first and scales every prediction by how much slower or faster "
-                        "they run now, as search.py does)")
+                   help="predict with the table as built even where the machine check (60 of its calibration "
+                        "networks timed first) finds this machine more than 5%% faster or slower than the table's "
+                        "(otherwise every prediction is scaled by that ratio, as search.py does)")
     p.add_argument("--passes", type=int, default=VALIDATION_PASSES,
                    help=f"measure every network this many times, minutes apart, and keep the geometric mean "
                         f"(default {VALIDATION_PASSES})")
@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     path = args.table or default_table_path(space.name, args.resolution or space.resolution, target)
     table = LatencyTable.load(path, expect_target=target.name, expect_threads=target.threads, expect_batch=target.batch)
     speed = table.check_machine_speed(target)  # warns when the table comes from a faster or slower machine
-    if speed and not args.as_built:
-        table.speed_ratio = speed  # predictions at this machine's speed now; the report keeps the as-built figures
+    if not args.as_built:
+        table.relevel(speed)  # beyond +-5%, predictions at this machine's speed; the report keeps the as-built ones
     report = validate_table(table, space, target, args.n, args.seed, progress=not args.quiet,
                             anchor=not args.no_anchor, passes=args.passes)
     report["machine_speed_check"] = speed

@@ -75,6 +75,12 @@ TABLES_DIR = Path("latency_tables")
 SPEED_NETWORKS = 60
 SPEED_PASSES = 2
 SPEED_TOLERANCE = 0.1  # beyond it, predictions here miss by more than the +-10% a table is built for
+# beyond it, ``relevel`` scales predictions by the check's ratio. Within it the check cannot tell the
+# machine's level from its own scatter: ten checks within ten minutes (2026-12-04) read x0.982-x1.032,
+# and it read 1.4-3.2% below the 150 calibration networks timed again in each of the
+# four validations that followed it; scaled by it, those scored 87%, 82%, 77% and 85% within +-5%,
+# as built 89%, 87%, 72% and 87%
+RELEVEL_BEYOND = 0.05
 
 
 class MissingEntryError(NasError):
@@ -465,9 +471,9 @@ class LatencyTable:
         self.entries = entries
         self.calibration = calibration
         self.source = source
-        # every prediction is multiplied by it: 1.0 predicts at the machine's speed during the build; runs
-        # set it to ``check_machine_speed()`` to predict at this machine's speed now (this VM drifts by 3%
-        # within the hour, and a VM reporting the same CPU model may run on a slower host)
+        # every prediction is multiplied by it: 1.0 predicts at the machine's speed during the build;
+        # ``relevel`` sets it to predict on a machine that runs the table's networks faster or slower (a VM
+        # reporting the same CPU model may run on another host)
         self.speed_ratio = 1.0
         self._ms = {key: entry["ms"] for key, entry in entries.items()}
         # (layer, (in_ch, size)) -> (its row, (out_ch, out_size)): resolving a layer costs far more than
@@ -518,8 +524,7 @@ class LatencyTable:
         """This machine's time now over the table's, read from ``networks`` of the table's own
         calibration networks timed again, as a validation times them: a seeded random sample, shuffled
         anew in each of ``passes`` passes, each network the geometric mean of its passes. Returns the
-        median ratio (set ``speed_ratio`` to it to predict at this machine's speed now) and
-        warns when it lies beyond ``tolerance``.
+        median ratio (``relevel`` takes it) and warns when it lies beyond ``tolerance``.
 
         Virtual machines often report one CPU model ("AMD EPYC") for hosts of different speeds, and one
         host slows down when its neighbours get busy, so the CPU model alone cannot tell. None for a table
@@ -554,6 +559,12 @@ class LatencyTable:
                 f"--target {target.name} --threads {target.threads} --space {meta.get('space_file', '<space.yaml>')} "
                 "--fresh", TableMismatchWarning, stacklevel=2)
         return ratio
+
+    def relevel(self, ratio: float | None) -> None:
+        """Predict at this machine's speed: ``speed_ratio`` becomes ``check_machine_speed``'s ratio where
+        it lies beyond ``RELEVEL_BEYOND``, else 1 (within it the ratio is the check's own scatter)."""
+        beyond = ratio is not None and abs(math.log(ratio)) > math.log1p(RELEVEL_BEYOND)
+        self.speed_ratio = ratio if beyond else 1.0
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<memory>") -> "LatencyTable":

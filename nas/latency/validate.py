@@ -119,7 +119,7 @@ def validate_table(table: LatencyTable, space: SearchSpace, target: Target, n: i
     geometric mean of its passes (a two-pass table's calibration networks are combined alike) and so
     is its speed factor, each pass anchored by the calibration networks timed near it in that pass.
 
-    Predictions are the table's, times its ``speed_ratio`` (``validate_lut.py`` sets it from
+    Predictions are the table's, times its ``speed_ratio`` (``validate_lut.py`` re-levels the table by
     ``check_machine_speed`` before this measures anything); with a ratio other than 1 the report adds
     the figures of the table as built (``as_built``). Anchoring starts from the table as built.
     """
@@ -245,7 +245,8 @@ def format_summary(report: dict[str, Any]) -> str:
         f"unstable measurements: {report['unstable']}",
         *([f"machine check before validating (LatencyTable.check_machine_speed): the table's calibration networks "
            f"ran at x{report['machine_speed_check']:.3f} of their table time; predictions above are the table's "
-           f"x{report['speed_ratio']:.3f}"] if report.get("machine_speed_check") else []),
+           + (f"x{report['speed_ratio']:.3f}" if report["speed_ratio"] != 1 else "as built")]
+          if report.get("machine_speed_check") else []),
         *([f"the table as built (x1): within +-10%: {b['within_10pct']:.1%}   within +-5%: {b['within_5pct']:.1%}   "
            f"mean |error|: {b['mape']:.2f}%   bias: {b['mean_error_pct']:+.2f}%"] if (b := report.get("as_built")) else []),
         *([f"re-anchored by the table's {a['networks']} calibration networks timed again (machine at "
