@@ -70,7 +70,7 @@ TABLES_DIR = Path("latency_tables")
 # then ran within 2% of the table, and the same within 0.3% while whole networks drifted by 3-5%;
 # and they are timed as a validation times them. 12 of them, ordered by latency, in one pass read
 # x0.925-x0.989 of the build just before four validations (2026-12-04) whose 150 re-timed calibration
-# networks then read x1.001-x1.016; 60 of them shuffled, in two passes (~50 s at 32 px), read 0.8-1.5%
+# networks then read x1.001-x1.016; 60 of them shuffled, in two passes (~45 s at 32 px), read 0.8-1.5%
 # below those, and the same 12 alone scattered by 3% back to back
 SPEED_NETWORKS = 60
 SPEED_PASSES = 2
