@@ -169,19 +169,19 @@ def validate_table(table: LatencyTable, space: SearchSpace, target: Target, n: i
     # a network's speed over the passes: the geometric mean, as its measured figure is
     local = stats.gmean(speeds, axis=0) if anchors else None
     rows = []
-    for i, (arch, pred, built, m) in enumerate(zip(archs, predicted, as_built, measured)):
+    for i, (arch, pred, unscaled, m) in enumerate(zip(archs, predicted, as_built, measured)):
         cost = arch_cost(arch, num_classes)
         rows.append({
             "arch": arch.to_string(), "key": arch.key, "flops": cost.flops, "params": cost.params,
             "predicted_ms": pred, "raw_ms": table.predict_raw(arch)[0], "measured_ms": m.ms,
             "median_ms": m.median_ms, "p10_ms": m.p10_ms, "p90_ms": m.p90_ms, "spread": m.spread,
             "slowdown": m.slowdown, "stable": m.stable, "passes_ms": [pass_[i].ms for pass_ in per_pass],
-            "error_pct": (pred - m.ms) / m.ms * 100, "as_built_ms": built,
+            "error_pct": (pred - m.ms) / m.ms * 100, "as_built_ms": unscaled,
         })
         if speed:
             rows[-1]["speed"] = float(local[i])
             rows[-1]["pass_speeds"] = [float(pass_speed[i]) for pass_speed in speeds]
-            rows[-1]["anchored_error_pct"] = (built * local[i] - m.ms) / m.ms * 100
+            rows[-1]["anchored_error_pct"] = (unscaled * local[i] - m.ms) / m.ms * 100
     signed = np.array([r["error_pct"] for r in rows])
     errors = np.abs(signed)
     meas = [r["measured_ms"] for r in rows]
