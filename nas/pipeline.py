@@ -94,6 +94,7 @@ class MainJob:
             raise NasError(f"{path}: table built at resolution {table.metadata['resolution']}, the search runs at "
                            f"{self.resolution}; build one with scripts/build_lut.py --resolution {self.resolution}")
         self.table_path = path
+        self.table_sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
         self.speed_ratio = self.machine_speed(table)
         table.relevel(self.speed_ratio)
         return table
@@ -102,13 +103,12 @@ class MainJob:
         """The table's calibration networks' time here over their time in it, measured once per run
         folder and reused on resume: the trials of a resumed search are predicted alike."""
         saved = self.run_dir / "machine_speed.json"
-        digest = hashlib.sha256(self.table_path.read_bytes()).hexdigest()
-        if saved.exists() and (record := json.loads(saved.read_text())).get("table_sha256") == digest:
+        if saved.exists() and (record := json.loads(saved.read_text())).get("table_sha256") == self.table_sha256:
             ratio = record["speed_ratio"]
             when = "when this run started"
         else:
             ratio = table.check_machine_speed(self.target)  # nothing runs yet: a fair comparison
-            saved.write_text(json.dumps({"speed_ratio": ratio, "table_sha256": digest}, indent=2))
+            saved.write_text(json.dumps({"speed_ratio": ratio, "table_sha256": self.table_sha256}, indent=2))
             when = "now"
         if ratio is not None:
             self.log(f"latency table {self.table_path}: this machine runs its calibration networks at {ratio:.3f}x "
@@ -270,7 +270,7 @@ class MainJob:
                          "onnxruntime": onnxruntime.__version__, "optuna": optuna.__version__, "numpy": np.__version__},
             "onnxruntime": onnxruntime.__version__, "cpu": cpu_model(), "platform": platform.platform(),
             "latency_table": str(self.table_path),
-            "latency_table_sha256": hashlib.sha256(self.table_path.read_bytes()).hexdigest(),
+            "latency_table_sha256": self.table_sha256,
             "latency_table_speed_ratio": self.speed_ratio,
             "target": self.target.to_dict(), "wall_seconds": time.monotonic() - self.started,
         }

@@ -23,19 +23,10 @@ from pathlib import Path
 
 from nas.cli import ArgumentParser
 from nas.errors import NasError, exit_on_user_error
+from nas.latency.targets import cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
 BAR_ACCURACY, BAR_SECONDS = 0.95, 60.0
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 SECTIONS = ("bar", "throughput", "ranking")

@@ -12,6 +12,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import platform
 import random
 import signal
 import subprocess
@@ -34,7 +35,7 @@ from nas.export import export_onnx
 from nas.latency.measure import (BusyMonitor, Measurement, Protocol, faster, measure_archs, measure_models,
                                  measurement_lock, training_lock)
 from nas.latency.table import CALIBRATION_MODELS, Calibration, LatencyTable, MissingEntryError, TableMismatchWarning, default_table_path
-from nas.latency.targets import PROVIDERS, Target, _session_options, get_target
+from nas.latency.targets import PROVIDERS, Target, _session_options, cpu_model, get_target
 from nas.latency.validate import local_speed, validate_table
 from nas.space import block_contexts, load_space
 
@@ -101,6 +102,22 @@ def test_unknown_and_unavailable_targets():
         get_target(missing[0])
     with pytest.raises(NasError, match="threads must be a positive integer"):
         get_target("cpu", threads=0)
+
+
+def test_cpu_model_tells_hosts_that_share_a_brand_apart(tmp_path):
+    """Zen 3 and Zen 4 hosts of one VM type both call themselves "AMD EPYC" and ran networks 25% apart."""
+    block = "processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: {model}\n" \
+            "model name\t: AMD EPYC\nstepping\t: 1\ncache size\t: 512 KB\n\n"
+    names = []
+    for model in (1, 17):
+        cpuinfo = tmp_path / f"cpuinfo{model}"
+        cpuinfo.write_text(block.format(n=0, model=model) + block.format(n=1, model=99))  # first processor counts
+        names.append(cpu_model(str(cpuinfo)))
+    assert names == ["AMD EPYC (family 25, model 1, stepping 1)", "AMD EPYC (family 25, model 17, stepping 1)"]
+    bare = tmp_path / "bare"
+    bare.write_text("processor\t: 0\nmodel name\t: Some CPU\n")
+    assert cpu_model(str(bare)) == "Some CPU"
+    assert cpu_model(str(tmp_path / "absent")) == (platform.processor() or platform.machine() or "unknown")
 
 
 # --- measurement protocol -------------------------------------------------------------------------
