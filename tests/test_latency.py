@@ -117,6 +117,9 @@ def test_cpu_model_tells_hosts_that_share_a_brand_apart(tmp_path):
     bare = tmp_path / "bare"
     bare.write_text("processor\t: 0\nmodel name\t: Some CPU\n")
     assert cpu_model(str(bare)) == "Some CPU"
+    arm = tmp_path / "arm"  # many arm64 kernels give no name, only the core's design
+    arm.write_text("processor\t: 0\nBogoMIPS\t: 50.00\nCPU implementer\t: 0x41\nCPU part\t: 0xd0c\n")
+    assert cpu_model(str(arm)).endswith("(implementer 0x41, part 0xd0c)")
     assert cpu_model(str(tmp_path / "absent")) == (platform.processor() or platform.machine() or "unknown")
 
 

@@ -101,6 +101,11 @@ def get_target(name: str, threads: int = 1, batch: int = 1) -> Target:
     return Target(name, threads, batch)
 
 
+# what tells cores of one brand apart in /proc/cpuinfo: x86's family/model/stepping, Arm's core design
+REVISION_FIELDS = (("cpu family", "family"), ("model", "model"), ("stepping", "stepping"),
+                   ("CPU implementer", "implementer"), ("CPU part", "part"))
+
+
 def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
     """The CPU's model name with its family, model and stepping (``/proc/cpuinfo`` on Linux), recorded so
     tables say where they were made. Virtual machines often give only a brand ("AMD EPYC"): this VM's
@@ -116,9 +121,7 @@ def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
                 fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    name = fields.get("model name") or fields.get("Hardware") or fields.get("Processor")
-    if not name:
-        return platform.processor() or platform.machine() or "unknown"
-    revision = [f"{label} {fields[key]}" for key, label in (("cpu family", "family"), ("model", "model"),
-                                                             ("stepping", "stepping")) if fields.get(key)]
+    name = (fields.get("model name") or fields.get("Hardware") or fields.get("Processor")
+            or platform.processor() or platform.machine() or "unknown")
+    revision = [f"{label} {fields[key]}" for key, label in REVISION_FIELDS if fields.get(key)]
     return f"{name} ({', '.join(revision)})" if revision else name
