@@ -374,7 +374,15 @@ def load_space(path: str | Path) -> SearchSpace:
     if not path.is_file():
         raise SpaceError(source, "(file)", "no such file; shipped spaces are in search_spaces/")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpaceError(source, "(file)", f"not a text file (byte {exc.start} is not UTF-8); a space file is "
+                                           "YAML text such as search_spaces/mnasnet.yaml") from None
+    if "\x00" in text:  # valid UTF-8 can still be binary; YAML would report a confusing character error
+        raise SpaceError(source, "(file)", "not a text file (it holds NUL bytes); a space file is YAML text such "
+                                           "as search_spaces/mnasnet.yaml")
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(yaml)"

@@ -139,3 +139,13 @@ def test_scripts_exit_2_with_one_line_on_a_bad_space(tmp_path, edit, key, fragme
 def test_missing_space_file_is_a_clear_error(tmp_path):
     result = run_script("describe.py", "--space", str(tmp_path / "nope.yaml"), "--sample", "1")
     assert result.returncode == 2 and "nope.yaml" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("payload", [b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", b"name: x\x00\x00\x01"])
+def test_binary_space_file_is_one_line_not_a_decode_traceback(tmp_path, payload):
+    path = tmp_path / "space.yaml"
+    path.write_bytes(payload)
+    with pytest.raises(SpaceError) as info:
+        load_space(path)
+    message = str(info.value)
+    assert message.startswith(str(path)) and "not a text file" in message and "\n" not in message
