@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as futures
+import math
 import multiprocessing
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -30,8 +32,11 @@ class TrainJob:
     hparams: dict[str, Any]
     fidelity: Fidelity
     data: str
-    seed: int
+    seed: int  # training seed
     threads: int
+    split_seed: int | None = None  # the data split's seed; None: ``seed`` (a search trains with the run's seed)
+    test: bool = False  # also score the trained model on the test split (final trainings only)
+    weights_path: str | None = None  # where to save the trained state_dict
 
 
 _DATASETS: dict[tuple[str, int], Any] = {}
@@ -41,14 +46,25 @@ def train_job(job: TrainJob) -> dict[str, Any]:
     """Worker entry point: the candidate's training result as a dict; failures are results too."""
     from nas.arch import Arch
     from nas.data import load_dataset
-    from nas.train import train_candidate
+    from nas.train import train_candidate, validate
 
-    key = (job.data, job.seed)
+    split_seed = job.seed if job.split_seed is None else job.split_seed
+    key = (job.data, split_seed)
     if key not in _DATASETS:  # each worker process loads the data once
-        _DATASETS[key] = load_dataset(job.data, seed=job.seed)
-    result = train_candidate(Arch.parse(job.arch), job.hparams, job.fidelity, _DATASETS[key],
-                             seed=job.seed, threads=job.threads)
-    return result.to_dict()
+        _DATASETS[key] = load_dataset(job.data, seed=split_seed)
+    data = _DATASETS[key]
+    keep = job.test or job.weights_path is not None
+    result = train_candidate(Arch.parse(job.arch), job.hparams or None, job.fidelity, data,
+                             seed=job.seed, threads=job.threads, return_model=keep)
+    out = result.to_dict()
+    if keep and not result.failed:
+        if job.test:
+            out["test_accuracy"] = validate(result.model, data, job.fidelity.resolution, split="test")[0]
+        if job.weights_path is not None:
+            import torch
+
+            torch.save(result.model.state_dict(), job.weights_path)
+    return out
 
 
 OnResult = Callable[[TrainJob, dict[str, Any]], Iterable[TrainJob] | None]  # returns follow-up jobs, if any
@@ -108,6 +124,33 @@ class RayExecutor:
             for ref in ready:
                 for job in on_result(refs.pop(ref), self.ray.get(ref)) or ():
                     refs[self.remote.remote(job)] = job
+
+    def close(self) -> None:
+        pass
+
+
+class EvaluatorExecutor:
+    """Accuracy without training (a supernet's inherited weights, or a predictor): the jobs of a call
+    are scored together by ``accuracy_many``, which batches what it can, in this process."""
+
+    def __init__(self, accuracy_many: Callable[[list[Any]], list[float]], source: str):
+        self.accuracy_many, self.source = accuracy_many, source
+
+    def run(self, jobs: list[TrainJob], on_result: OnResult) -> None:
+        from nas.arch import Arch
+
+        queue = list(jobs)
+        while queue:
+            start = time.perf_counter()
+            accuracies = self.accuracy_many([Arch.parse(j.arch).with_resolution(j.fidelity.resolution) for j in queue])
+            seconds = (time.perf_counter() - start) / len(queue)
+            follow: list[TrainJob] = []
+            for job, accuracy in zip(queue, accuracies):
+                error = None if math.isfinite(accuracy) else f"{self.source} accuracy is {accuracy}"
+                follow += on_result(job, {"accuracy": accuracy if error is None else None,
+                                          "val_accuracies": [accuracy], "seconds": seconds, "error": error,
+                                          "source": self.source}) or ()
+            queue = follow
 
     def close(self) -> None:
         pass

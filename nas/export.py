@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator
 
 import numpy as np
 import onnxruntime as ort
@@ -124,3 +125,31 @@ def check_parity(model: nn.Module, onnx_bytes: bytes, tol: float = 1e-4, seed: i
     if not relative <= tol:  # also catches NaN
         raise ParityError(f"ONNX Runtime differs from PyTorch by {relative:.3g} (relative max-abs), tolerance {tol:g}")
     return relative
+
+
+@dataclass(frozen=True)
+class ExportCheck:
+    """An exported model's parity with PyTorch and its own accuracy under ONNX Runtime."""
+
+    path: str
+    parity_rel_max_abs: float
+    onnx_accuracy: float
+    split: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def export_checked(model: nn.Module, path: str | Path, data: Any, resolution: int, *, split: str = "test",
+                   opset: int = MIN_OPSET) -> ExportCheck:
+    """Export ``model`` to ``path``, check ONNX Runtime against PyTorch on a random input, then score the
+    ONNX model itself on ``split`` of ``data`` (a ``nas.data.Dataset``): what a deployment would get."""
+    from nas.train import evaluate  # training imports the data stack, which exporting alone does not need
+
+    onnx_bytes = export_onnx(model, path, resolution=resolution, opset=opset)
+    parity = check_parity(model, onnx_bytes)
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    accuracy = evaluate(lambda x: [session.run(None, {name: x[i:i + 1]})[0][0] for i in range(len(x))], data,
+                        resolution, split=split)
+    return ExportCheck(str(path), parity, accuracy, split)

@@ -18,7 +18,8 @@ from typing import Any
 from nas.trial import Trial
 
 
-def _append(path: Path, record: dict[str, Any]) -> None:
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Append one record and fsync it: a crash loses at most the line being written."""
     with path.open("a") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
         f.flush()
@@ -76,24 +77,24 @@ class Journal:
         return replay
 
     def ask(self, number: int, params: dict[str, Any]) -> None:
-        _append(self.events_path, {"event": "ask", "number": number, "params": params})
+        append_jsonl(self.events_path, {"event": "ask", "number": number, "params": params})
 
     def round(self, numbers: list[int], start_rung: int = 0) -> None:
         """The candidates of one successive-halving round (promotions compare them with each other)."""
-        _append(self.events_path, {"event": "round", "numbers": numbers, "start_rung": start_rung})
+        append_jsonl(self.events_path, {"event": "round", "numbers": numbers, "start_rung": start_rung})
 
     def rung(self, number: int, rung: int, result: dict[str, Any]) -> None:
-        _append(self.events_path, {"event": "rung", "number": number, "rung": rung, "result": result})
+        append_jsonl(self.events_path, {"event": "rung", "number": number, "rung": rung, "result": result})
 
     def clock(self, elapsed: float) -> None:
         """Seconds of search so far, over every session of this run: a time budget spans resumes."""
-        _append(self.events_path, {"event": "clock", "elapsed": elapsed})
+        append_jsonl(self.events_path, {"event": "clock", "elapsed": elapsed})
 
     def tell(self, trial: Trial, skipped: bool = False) -> None:
         """A finished trial; ``skipped`` (not trained: a duplicate or over a limit) stays out of trials.jsonl."""
-        _append(self.events_path, {"event": "tell", "trial": trial.to_dict(), "skipped": skipped})
+        append_jsonl(self.events_path, {"event": "tell", "trial": trial.to_dict(), "skipped": skipped})
         if not skipped:
-            _append(self.trials_path, trial.to_dict())
+            append_jsonl(self.trials_path, trial.to_dict())
 
     def trials(self) -> list[Trial]:
         return [Trial.from_dict(d) for d in read_jsonl(self.trials_path)]

@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from nas.arch import Arch
+from nas.config import SearchConfig
 from nas.cost import arch_cost
 from nas.errors import NasError
-from nas.executor import TrainJob, make_executor, threads_per_worker
+from nas.executor import EvaluatorExecutor, TrainJob, make_executor, threads_per_worker
 from nas.fidelity import ASHA, Bracket, Evaluation, Fidelity, Hyperband, SuccessiveHalving, ladder, maximize
 from nas.journal import Journal, Replay
 from nas.objectives import Limits, Objective
@@ -36,6 +37,7 @@ from nas.strategies import Exhausted, make_strategy
 from nas.trial import COMPLETE, FAIL, PRUNED, Trial
 
 MAX_CONSECUTIVE_REJECTS = 1000  # duplicates or limit violations in a row before giving up
+EVALUATION_ROUND = 16  # candidates per round when accuracy comes without training: one batched evaluation
 LINE_METRICS = ("accuracy", "latency_ms")  # printed on every trial line as acc= and lat=
 
 
@@ -59,6 +61,22 @@ class LoopSettings:
     executor: str = "local"
     ray_address: str | None = None
     seed: int = 0
+    search_hparams: bool = True  # train with the space's hyperparameters; False: the fixed training recipe
+    round_size: int | None = None  # candidates per round; None: what successive halving needs
+
+    @classmethod
+    def from_config(cls, config: SearchConfig, *, objective: Objective, limits: Limits, top: Fidelity,
+                    num_classes: int) -> "LoopSettings":
+        """The loop's view of the main job's configuration: evaluated without training (supernet,
+        predictor), a candidate has one rung and rounds are large enough to evaluate in batches."""
+        scratch = config.evaluator == "scratch"
+        return cls(strategy=config.strategy, strategy_options=config.resolved_strategy_options,
+                   trials=config.trial_budget, time_budget=config.search_seconds, objective=objective,
+                   limits=limits, data=config.data, top=top, rungs=config.rungs if scratch else 1, eta=config.eta,
+                   scheduler=config.scheduler if scratch else "halving", num_classes=num_classes,
+                   workers=config.workers, executor=config.executor, ray_address=config.ray_address,
+                   seed=config.seed, search_hparams=config.search_hparams,
+                   round_size=None if scratch else EVALUATION_ROUND)
 
     @property
     def fidelities(self) -> tuple[Fidelity, ...]:
@@ -67,6 +85,8 @@ class LoopSettings:
     @property
     def batch_size(self) -> int:
         """Candidates per round: enough for successive halving to keep one per eta at each rung."""
+        if self.round_size is not None:
+            return self.round_size
         return max(self.workers, self.eta ** (self.rungs - 1))
 
     def bracket(self, round_index: int) -> Bracket:
@@ -103,8 +123,12 @@ def rank_key(objective: Objective) -> Callable[[list[dict]], list[float]]:
 
 class Search:
     def __init__(self, space: SearchSpace, settings: LoopSettings, run_dir: Path,
-                 predict_latency: Callable[[Arch], float], log: Callable[[str], None] | None = None):
+                 predict_latency: Callable[[Arch], float], log: Callable[[str], None] | None = None,
+                 evaluator: EvaluatorExecutor | None = None):
+        """``evaluator``: where accuracy comes from without training (supernet, predictor); None trains
+        every candidate from scratch on the configured executor."""
         self.space, self.settings = space, settings
+        self.evaluator = evaluator
         self.log = log or (lambda line: print(line, flush=True))  # one line per trial, even into a file
         self.predict_latency = predict_latency
         self.journal = Journal(run_dir)
@@ -325,14 +349,14 @@ class Search:
 
     def _job(self, number: int, params: dict, rung: int, fidelity: Fidelity, static: dict) -> TrainJob:
         s = self.settings
-        return TrainJob(number, rung, static["arch"], self.space.hyperparameters_of(params), fidelity, s.data,
-                        s.seed, threads_per_worker(s.workers))
+        hparams = self.space.hyperparameters_of(params) if s.search_hparams else {}
+        return TrainJob(number, rung, static["arch"], hparams, fidelity, s.data, s.seed, threads_per_worker(s.workers))
 
     def _score(self, train: dict[str, Any], static: dict[str, Any], fidelity: Fidelity) -> dict[str, Any]:
         metrics = {**{k: v for k, v in static.items() if k != "arch"}, "accuracy": train["accuracy"],
                    "epochs": fidelity.epochs, "fraction": fidelity.fraction, "resolution": fidelity.resolution,
                    "val_accuracies": train["val_accuracies"], "train_seconds": train["seconds"],
-                   "seconds": train["seconds"]}
+                   "seconds": train["seconds"], "accuracy_source": train.get("source", "scratch")}
         error = f"training: {train['error']}" if train["error"] else None
         values = None if error else list(self.settings.objective.values(metrics))
         if values is not None and any(math.isnan(v) for v in values):
@@ -353,8 +377,13 @@ class Search:
         self.log(f"[{finished}/{s.trials}] trial {trial.number} {trial.state:8} acc="
                  f"{acc if acc is None else format(acc, '.4f')} lat={trial.metrics.get('latency_ms', 0):.3f}ms "
                  + "".join(f"{value} " for value in others)
-                 + f"({trial.metrics.get('epochs')} ep, {trial.seconds:.1f}s) "
+                 + f"({self._evaluation_note(trial)}, {trial.seconds:.2g}s) "
                  f"{trial.error or ''}| elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min")
+
+    @staticmethod
+    def _evaluation_note(trial: Trial) -> str:
+        source = trial.metrics.get("accuracy_source", "scratch")
+        return f"{trial.metrics.get('epochs')} ep" if source == "scratch" else source
 
     # --- the whole search ----------------------------------------------------------------------
     def searched(self) -> float:
@@ -369,7 +398,7 @@ class Search:
         unfinished, start_rung, told, replay = self._replay()
         done = replay.rungs
         self.resumed = len(self.trials)
-        executor = make_executor(s.executor, s.workers, threads_per_worker(s.workers), s.ray_address)
+        executor = self.evaluator or make_executor(s.executor, s.workers, threads_per_worker(s.workers), s.ray_address)
         try:
             if s.scheduler == "asha":
                 self._run_asha(unfinished, replay, executor)
