@@ -157,30 +157,30 @@ def recalibrate_batchnorm(model: nn.Module, data: Dataset, fraction: float, reso
         m.momentum = momentum
 
 
-def validate(model: nn.Module, data: Dataset, resolution: int) -> tuple[float, float]:
-    """(top-1 accuracy, mean cross-entropy) of ``model`` on the validation split."""
+def validate(model: nn.Module, data: Dataset, resolution: int, split: str = "val") -> tuple[float, float]:
+    """(top-1 accuracy, mean cross-entropy) of ``model`` on the held-out ``split`` ("val" or "test")."""
     model.eval()
     correct, loss_sum = 0, 0.0
     with torch.inference_mode():
-        for x, y in data.val_batches(EVAL_BATCH, resolution):
+        for x, y in data.eval_batches(split, EVAL_BATCH, resolution):
             logits = model(x.contiguous(memory_format=torch.channels_last))
             loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
             correct += int((logits.argmax(1) == y).sum())
-    n = len(data.val)
+    n = len(data.split(split))
     return correct / n, loss_sum / n
 
 
-def evaluate(predict: Callable[[np.ndarray], np.ndarray], data: Dataset, resolution: int) -> float:
-    """Top-1 validation accuracy of any predictor (e.g. an ONNX Runtime session), same inputs as training.
+def evaluate(predict: Callable[[np.ndarray], np.ndarray], data: Dataset, resolution: int, split: str = "val") -> float:
+    """Top-1 accuracy on ``split`` of any predictor (e.g. an ONNX Runtime session), same inputs as training.
 
     ``predict`` gets a float32 N x 3 x R x R normalised batch and returns logits (N x classes) or labels (N).
     """
     correct = 0
-    for x, y in data.val_batches(EVAL_BATCH, resolution):
+    for x, y in data.eval_batches(split, EVAL_BATCH, resolution):
         out = np.asarray(predict(x.numpy()))
         labels = out.argmax(1) if out.ndim == 2 else out
         correct += int((labels == y.numpy()).sum())
-    return correct / len(data.val)
+    return correct / len(data.split(split))
 
 
 def train_candidate(
