@@ -141,13 +141,15 @@ class Dataset:
         return full + (rest >= max(2, batch_size // 2) or not full)
 
     def train_batches(
-        self, fraction: float, batch_size: int, resolution: int, generator: torch.Generator
+        self, fraction: float, batch_size: int, resolution: int, generator: torch.Generator, augment: bool = True
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """One epoch over the stratified prefix ``fraction``: shuffled and augmented by ``generator``."""
+        """One epoch over the stratified prefix ``fraction``: shuffled by ``generator`` and, with
+        ``augment``, randomly cropped and flipped as the dataset's images allow."""
         order = torch.randperm(self.train_size(fraction), generator=generator)
+        crop_padding, flip = (self.crop_padding, self.flip) if augment else (0.0, False)
         for start in range(0, self.train_steps(fraction, batch_size) * batch_size, batch_size):
             x, y = self.train.get(order[start : start + batch_size], resolution)
-            yield augment(x, self.crop_padding, self.flip, generator), y
+            yield augment_batch(x, crop_padding, flip, generator), y
 
     def split(self, name: str) -> Split:
         """The held-out split ``name``: "val" (search decisions) or "test" (the report)."""
@@ -168,7 +170,7 @@ class Dataset:
         return self.eval_batches("test", batch_size, resolution)
 
 
-def augment(x: torch.Tensor, crop_padding: float, flip: bool, generator: torch.Generator) -> torch.Tensor:
+def augment_batch(x: torch.Tensor, crop_padding: float, flip: bool, generator: torch.Generator) -> torch.Tensor:
     """Random crop from a zero-padded (i.e. mean-coloured) image and optional horizontal flip, per image."""
     n, _, h, w = x.shape
     pad = round(crop_padding * h)

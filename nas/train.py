@@ -1,5 +1,10 @@
 """Proxy training: train one candidate at a fidelity and report its validation accuracy.
 
+How a network is trained is a ``Recipe`` (optimizer, schedule, regularisation, augmentation): one
+fixed recipe per dataset (``default_recipe``) serves candidates, final trainings and baselines
+alike, so their accuracies compare; hyperparameters proposed by a search (``hparams``) override its
+optimizer, learning rate and batch size.
+
 A candidate's own failure (a non-finite loss, an exception in its model) is returned as a failed
 ``TrainResult`` with a reason, never raised, so a search goes on; only the user's mistakes (unknown
 optimizer, unreadable data) raise ``NasError``. Training is seeded and leaves no trace in global
@@ -9,6 +14,7 @@ the same accuracy whatever ran before.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -31,12 +37,78 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 DEFAULT_FIDELITY = Fidelity(epochs=8, fraction=1.0, resolution=32)
 DEFAULT_HPARAMS: dict[str, Any] = {"optimizer": "sgd", "lr": 0.05, "batch_size": 64}
 WEIGHT_DECAY = {"sgd": 4e-5, "adam": 0.0, "adamw": 0.01}
-WARMUP_SHARE = 0.05  # linear warm-up over the first 5% of steps, then cosine to zero
-LABEL_SMOOTHING = 0.1
 EVAL_BATCH = 256
 BN_CALIBRATION_IMAGES = 512
 BN_MOMENTUM = 0.1  # torch's default, which the builder keeps
 BN_STALE_SHARE = 0.01  # recalibrate while the running statistics hold more of their start than this
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a network is trained. The fidelity passed with it sets how long (epochs, data share,
+    resolution); ``epochs`` is the recipe's own full budget, the one final trainings use."""
+
+    optimizer: str = "sgd"  # sgd (momentum 0.9, Nesterov) | adam | adamw
+    lr: float = 0.05  # peak learning rate, reached after the warm-up
+    weight_decay: float = 4e-5
+    batch_size: int = 64
+    warmup_share: float = 0.05  # linear warm-up over this share of all steps, then cosine to zero
+    epochs: int = 6
+    label_smoothing: float = 0.1
+    dropout: float = 0.2  # before the classifier
+    grad_clip: float | None = None  # clip the gradients' global L2 norm to this; None: no clipping
+    augment: bool = True  # the dataset's own augmentation (crop + flip for natural images, none for digits)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.optimizer in OPTIMIZERS, "optimizer", f"one of {', '.join(OPTIMIZERS)}"),
+            (_number(self.lr) and self.lr > 0, "lr", "a positive number"),
+            (_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a number >= 0"),
+            (isinstance(self.batch_size, int) and self.batch_size >= 2, "batch_size", "an integer of at least 2"),
+            (_number(self.warmup_share) and 0 <= self.warmup_share < 1, "warmup_share", "a number in [0, 1)"),
+            (isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "a positive integer"),
+            (_number(self.label_smoothing) and 0 <= self.label_smoothing < 1, "label_smoothing", "a number in [0, 1)"),
+            (_number(self.dropout) and 0 <= self.dropout < 1, "dropout", "a number in [0, 1)"),
+            (self.grad_clip is None or (_number(self.grad_clip) and self.grad_clip > 0), "grad_clip", "a positive number or null"),
+            (isinstance(self.augment, bool), "augment", "true or false"),
+        ]
+        for ok, key, allowed in checks:
+            if not ok:
+                raise NasError(f"recipe {key} must be {allowed}, got {getattr(self, key)!r}")
+
+    def with_hparams(self, hparams: dict[str, Any]) -> "Recipe":
+        """This recipe with a search's optimizer, lr and batch size (and that optimizer's weight decay)."""
+        hp = resolve_hparams(hparams)
+        return dataclasses.replace(self, optimizer=hp["optimizer"], lr=float(hp["lr"]), batch_size=hp["batch_size"],
+                                   weight_decay=WEIGHT_DECAY[hp["optimizer"]])
+
+    def fidelity(self, resolution: int) -> Fidelity:
+        """The recipe's full budget at ``resolution``: all of the training split for ``epochs``."""
+        return Fidelity(self.epochs, 1.0, resolution)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Recipe":
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise NasError(f"unknown recipe key(s) {sorted(unknown)}; known: {sorted(f.name for f in dataclasses.fields(cls))}")
+        return cls(**data)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# What search-proposed hyperparameters trained with before the fixed recipe: the "before" of
+# docs/training.md's seed-stability figures, kept so that measurement can be repeated.
+LEGACY_RECIPE = Recipe()
+
+
+def default_recipe(data: str) -> Recipe:
+    """The fixed recipe for a data spec (``digits``, ``cifar10:PATH``, ``imagefolder:PATH``)."""
+    return LEGACY_RECIPE
 
 
 @dataclass(frozen=True)
@@ -109,17 +181,28 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def make_optimizer(model: nn.Module, name: str, lr: float) -> torch.optim.Optimizer:
-    if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=WEIGHT_DECAY[name])
-    if name == "adam":
-        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY[name])
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY[name])
+def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    lr, decay = recipe.lr, recipe.weight_decay
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=decay)
+    if recipe.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=decay)
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=decay)
 
 
-def warmup_cosine(total_steps: int) -> Callable[[int], float]:
+def _initial_weights(model: nn.Module, init: dict[str, torch.Tensor] | nn.Module) -> None:
+    """Start from ``init`` (a state_dict or a module of the same architecture), e.g. a supernet's subnet."""
+    state = init.state_dict() if isinstance(init, nn.Module) else init
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise NasError(f"init weights do not fit this architecture ({first}); pass the weights of the same Arch") from None
+
+
+def warmup_cosine(total_steps: int, warmup_share: float = LEGACY_RECIPE.warmup_share) -> Callable[[int], float]:
     """LR multiplier per step: linear warm-up, then cosine decay to zero at ``total_steps``."""
-    warmup = max(1, round(WARMUP_SHARE * total_steps))
+    warmup = max(1, round(warmup_share * total_steps))
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -190,18 +273,24 @@ def train_candidate(
     data: Dataset,
     *,
     seed: int = 0,
+    recipe: Recipe | None = None,
+    init: dict[str, torch.Tensor] | nn.Module | None = None,
     threads: int | None = None,
     on_epoch: Callable[[EpochStats], bool | None] | None = None,
     return_model: bool = False,
-    dropout: float = 0.2,
 ) -> TrainResult:
     """Train ``arch`` at ``fidelity.resolution`` on ``fidelity.fraction`` of ``data`` for ``fidelity.epochs``.
 
-    ``hparams`` (optimizer, lr, batch_size; missing keys take ``DEFAULT_HPARAMS``) are what the search
-    space proposes. ``on_epoch`` returning False stops training after that epoch (a scheduler pruning
-    the candidate). ``return_model`` puts the trained model, in eval mode, in ``result.model``.
+    ``recipe`` (default: ``default_recipe(data.name)``) says how; ``hparams`` (optimizer, lr,
+    batch_size; missing keys take ``DEFAULT_HPARAMS``), when given, are what the search space
+    proposes and replace the recipe's. ``init`` starts from those weights instead of a random
+    initialisation (fine-tuning a subnet extracted from a supernet). ``on_epoch`` returning False
+    stops training after that epoch (a scheduler pruning the candidate). ``return_model`` puts the
+    trained model, in eval mode, in ``result.model``.
     """
-    hp = resolve_hparams(hparams)
+    recipe = recipe or default_recipe(data.name)
+    if hparams is not None:
+        recipe = recipe.with_hparams(hparams)
     if threads is not None and threads < 1:
         raise NasError(f"threads must be at least 1, got {threads}")
     start = time.perf_counter()
@@ -213,29 +302,34 @@ def train_candidate(
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = build_model(arch.with_resolution(fidelity.resolution), data.num_classes, dropout)
+            model = build_model(arch.with_resolution(fidelity.resolution), data.num_classes, recipe.dropout)
+            if init is not None:
+                _initial_weights(model, init)
             model = model.to(memory_format=torch.channels_last)  # about 2x faster depthwise convs on CPU
             generator = torch.Generator().manual_seed(seed)
-            optimizer = make_optimizer(model, hp["optimizer"], hp["lr"])
-            steps = fidelity.epochs * data.train_steps(fidelity.fraction, hp["batch_size"])
-            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
-            criterion = nn.CrossEntropyLoss(label_smoothing=LABEL_SMOOTHING)
+            optimizer = make_optimizer(model, recipe)
+            steps_per_epoch = data.train_steps(fidelity.fraction, recipe.batch_size)
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(fidelity.epochs * steps_per_epoch, recipe.warmup_share))
+            criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
             for epoch in range(1, fidelity.epochs + 1):
                 model.train()
                 epoch_start, loss_sum, seen = time.perf_counter(), 0.0, 0
-                for x, y in data.train_batches(fidelity.fraction, hp["batch_size"], fidelity.resolution, generator):
+                for x, y in data.train_batches(fidelity.fraction, recipe.batch_size, fidelity.resolution, generator,
+                                               augment=recipe.augment):
                     loss = criterion(model(x.contiguous(memory_format=torch.channels_last)), y)
                     if not torch.isfinite(loss):
-                        raise CandidateFailure(f"non-finite training loss ({loss.item()}) in epoch {epoch} at lr {hp['lr']:g}")
+                        raise CandidateFailure(f"non-finite training loss ({loss.item()}) in epoch {epoch} at lr {recipe.lr:g}")
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
+                    if recipe.grad_clip is not None:
+                        nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
                     optimizer.step()
                     schedule.step()
                     loss_sum += loss.item() * len(y)
                     seen += len(y)
                 train_seconds += time.perf_counter() - epoch_start
                 train_images += seen
-                steps_done = epoch * data.train_steps(fidelity.fraction, hp["batch_size"])
+                steps_done = epoch * steps_per_epoch
                 if (1 - BN_MOMENTUM) ** steps_done > BN_STALE_SHARE:  # fewer than 44 steps so far
                     recalibrate_batchnorm(model, data, fidelity.fraction, fidelity.resolution)
                 accuracy, val_loss = validate(model, data, fidelity.resolution)
@@ -268,3 +362,137 @@ def train_candidate(
         error=error,
         model=model.to(memory_format=torch.contiguous_format) if return_model and error is None else None,
     )
+
+
+# --- many trainings: seeds x architectures, in worker processes, journalled ------------------------
+
+
+@dataclass(frozen=True)
+class TrainRecord:
+    """One finished training of a seed study or benchmark truth: one line of its JSONL journal."""
+
+    arch: str
+    seed: int
+    data: str
+    fidelity: dict[str, Any]
+    recipe: dict[str, Any]
+    val_accuracy: float | None
+    test_accuracy: float | None
+    seconds: float
+    error: str | None = None
+
+    @property
+    def key(self) -> tuple:
+        return _record_key(self.arch, self.seed, self.data, self.fidelity, self.recipe)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainRecord":
+        return cls(**data)
+
+
+def _record_key(arch: str, seed: int, data: str, fidelity: dict, recipe: dict) -> tuple:
+    return arch, seed, data, tuple(sorted(fidelity.items())), tuple(sorted(recipe.items()))
+
+
+_WORKER_DATA: dict[str, Dataset] = {}
+
+
+def _train_record(arch: str, seed: int, data: str, fidelity: dict, recipe: dict, threads: int) -> TrainRecord:
+    """Worker: train one (arch, seed) and score it on validation and test (the data split is seed 0's)."""
+    from nas.data import load_dataset
+
+    if data not in _WORKER_DATA:
+        _WORKER_DATA[data] = load_dataset(data, seed=0)
+    dataset = _WORKER_DATA[data]
+    fid = Fidelity.from_dict(fidelity)
+    result = train_candidate(Arch.parse(arch), None, fid, dataset, seed=seed, recipe=Recipe.from_dict(recipe),
+                             threads=threads, return_model=True)
+    test = None if result.failed else validate(result.model, dataset, fid.resolution, split="test")[0]
+    return TrainRecord(arch, seed, data, fidelity, recipe, result.accuracy, test, round(result.seconds, 2), result.error)
+
+
+def train_records(
+    archs: list[Arch],
+    seeds: list[int],
+    fidelity: Fidelity,
+    data: str,
+    recipe: Recipe,
+    *,
+    workers: int = 1,
+    journal: "os.PathLike | None" = None,
+    log: Callable[[str], None] = print,
+) -> list[TrainRecord]:
+    """Train every arch with every seed; records in (arch, seed) order.
+
+    ``workers`` processes train at ``default_threads() // workers`` threads each (small networks at
+    32 px use two single-thread workers better than one two-thread one). With ``journal`` (a JSONL
+    file) each finished training is appended at once and trainings already there are not repeated,
+    so an interrupted study resumes where it stopped.
+    """
+    import concurrent.futures as futures
+    import json
+    import multiprocessing
+    from pathlib import Path
+
+    fid, rec = fidelity.to_dict(), recipe.to_dict()
+    wanted = [(a.to_string(), s) for a in archs for s in seeds]
+    done: dict[tuple, TrainRecord] = {}
+    path = Path(journal) if journal is not None else None
+    if path is not None and path.exists():
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            try:
+                record = TrainRecord.from_dict(json.loads(line))
+            except (ValueError, TypeError) as exc:
+                raise NasError(f"{path}:{number}: not a training record ({exc}); delete the file to start afresh") from None
+            done[record.key] = record
+    todo = [(a, s) for a, s in wanted if _record_key(a, s, data, fid, rec) not in done]
+    log(f"{len(wanted) - len(todo)} of {len(wanted)} trainings already journalled; {len(todo)} to go "
+        f"on {workers} worker(s)")
+    threads = max(1, default_threads() // workers)
+    start = time.perf_counter()
+    context = multiprocessing.get_context("spawn")  # torch's threads start clean in each worker
+    with futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        pending = [pool.submit(_train_record, a, s, data, fid, rec, threads) for a, s in todo]
+        for number, future in enumerate(futures.as_completed(pending), 1):
+            record = future.result()
+            done[record.key] = record
+            if path is not None:
+                with path.open("a") as f:
+                    f.write(json.dumps(record.to_dict()) + "\n")
+            elapsed = time.perf_counter() - start
+            eta = elapsed / number * (len(todo) - number)
+            accuracy = "failed: " + str(record.error) if record.error else f"val {record.val_accuracy:.4f} test {record.test_accuracy:.4f}"
+            log(f"[{number}/{len(todo)}] seed {record.seed} {accuracy} in {record.seconds:.0f}s "
+                f"(ETA {eta / 60:.1f} min): {record.arch}")
+    return [done[_record_key(a, s, data, fid, rec)] for a, s in wanted]
+
+
+def seed_agreement(accuracies: np.ndarray, drop: float = 0.15) -> dict[str, Any]:
+    """How far single seeds agree: ``accuracies`` is archs x seeds (NaN: a failed run).
+
+    ``kendall_between_seeds``: Kendall tau between two seeds' accuracies over the archs, averaged
+    over all pairs of seeds; ``outlier_runs``: runs at least ``drop`` below their arch's best seed
+    (a failure counts), the diverging runs a fixed recipe must avoid.
+    """
+    from itertools import combinations
+
+    from scipy.stats import kendalltau
+
+    acc = np.nan_to_num(np.asarray(accuracies, dtype=float), nan=0.0)  # a failure ranks last
+    taus = [float(kendalltau(acc[:, i], acc[:, j]).statistic) for i, j in combinations(range(acc.shape[1]), 2)]
+    outliers = acc <= acc.max(axis=1, keepdims=True) - drop
+    return {
+        "archs": int(acc.shape[0]),
+        "seeds": int(acc.shape[1]),
+        "kendall_between_seeds": round(float(np.mean(taus)), 3),
+        "kendall_pairs": [round(t, 3) for t in taus],
+        "mean_accuracy": round(float(acc.mean()), 4),
+        "mean_accuracy_range": [round(float(acc.mean(1).min()), 4), round(float(acc.mean(1).max()), 4)],
+        "mean_std_between_seeds": round(float(acc.std(axis=1, ddof=1).mean()), 4),
+        "max_spread": round(float((acc.max(1) - acc.min(1)).max()), 4),
+        "outlier_runs": int(outliers.sum()),
+        "failed_runs": int(np.isnan(np.asarray(accuracies, dtype=float)).sum()),
+    }

@@ -8,8 +8,13 @@
 (b) ranking: Spearman correlation between the accuracy of random architectures of
     search_spaces/mnasnet.yaml (with their sampled hyperparameters) at the default budget and at
     cheaper fidelities: 1 epoch on 25% of the data, and the search's own first rung.
-Takes about 20 minutes on a 2-core CPU; run it on an otherwise idle machine (each training holds
-nas's training lock, so nas latency measurements wait, but other processes are not held back).
+(d) seeds: do single seeds of a fixed recipe agree? Random mnasnet.yaml architectures, each trained
+    with --seeds seeds at the recipe's full budget: mean accuracies, Kendall tau between single
+    seeds, runs that fall far below their architecture's best seed. --recipe legacy repeats the
+    measurement of the recipe search-proposed hyperparameters trained with before the fixed one.
+Takes about 20 minutes on a 2-core CPU (the seeds section as much again); run it on an otherwise
+idle machine (each training holds nas's training lock, so nas latency measurements wait, but other
+processes are not held back).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BAR_ACCURACY, BAR_SECONDS = 0.95, 60.0
 
 
-SECTIONS = ("bar", "throughput", "ranking")
+SECTIONS = ("bar", "throughput", "ranking", "seeds")
 
 
 @exit_on_user_error
@@ -41,6 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--archs", type=int, default=16, help="random architectures for the ranking study (default 16)")
     p.add_argument("--seed", type=int, default=0, help="sampling and training seed (default 0)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: all cores)")
+    p.add_argument("--recipe", default="default",
+                   help="seeds section: 'default' (the fixed recipe), 'legacy' (before it), or a JSON object of "
+                        "recipe fields that replace the default's, e.g. '{\"lr\": 0.02}'")
+    p.add_argument("--seeds", type=int, default=3, help="seeds section: seeds per architecture (default 3)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="seeds section: training processes, sharing the cores (default 2)")
+    p.add_argument("--journal", type=Path,
+                   help="seeds section: JSONL file of finished trainings; a rerun skips what it holds")
     p.add_argument("--json", type=Path, help="write all figures as JSON to this file")
     args = p.parse_args(argv)
     sections = [name.strip() for name in args.sections.split(",") if name.strip()]
@@ -48,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         raise NasError(f"--sections must name some of {', '.join(SECTIONS)}, got {args.sections!r}")
     if args.archs < 3:
         raise NasError(f"--archs must be at least 3 for a rank correlation, got {args.archs}")
+    if args.seeds < 2:
+        raise NasError(f"--seeds must be at least 2 to compare seeds, got {args.seeds}")
+    if args.workers < 1:
+        raise NasError(f"--workers must be at least 1, got {args.workers}")
+    recipe = parse_recipe(args.recipe)
 
     import torch
 
@@ -78,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         report["throughput"] = bench_throughput(train)
     if "ranking" in sections:
         report["ranking"] = bench_ranking(train, args.archs, args.seed)
+    if "seeds" in sections:
+        report["seeds"] = bench_seeds(recipe, args.archs, args.seeds, args.seed, args.workers, args.journal)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0 if passed else 1
@@ -150,6 +170,49 @@ def bench_ranking(train, n_archs: int, seed: int) -> dict:
         print(f"(b) Spearman rho, {label} ({fidelity.epochs} epochs x {fidelity.fraction:g}) vs default "
               f"({top.epochs} epochs x {top.fraction:g}): {rho:.3f} over {len(rows)} architectures, "
               f"at {share:.0%} of the training time", flush=True)
+    return out
+
+
+def parse_recipe(text: str):
+    """--recipe: 'default', 'legacy', or a JSON object of fields replacing the default recipe's."""
+    import dataclasses
+
+    from nas.train import LEGACY_RECIPE, Recipe, default_recipe
+
+    if text in ("default", "legacy"):
+        return default_recipe("digits") if text == "default" else LEGACY_RECIPE
+    try:
+        fields = json.loads(text)
+    except ValueError:
+        fields = None
+    if not isinstance(fields, dict):
+        raise NasError(f"--recipe should be 'default', 'legacy' or a JSON object of recipe fields instead of {text!r}")
+    return Recipe.from_dict({**dataclasses.asdict(default_recipe("digits")), **fields})
+
+
+def bench_seeds(recipe, n_archs: int, n_seeds: int, seed: int, workers: int, journal: Path | None) -> dict:
+    """(d) between-seed agreement of a fixed recipe on random mnasnet.yaml architectures at 32 px."""
+    import numpy as np
+
+    from nas.space import load_space
+    from nas.train import seed_agreement, train_records
+
+    space = load_space(ROOT / "search_spaces" / "mnasnet.yaml")
+    rng = random.Random(seed)
+    archs = [space.decode(space.sample(rng), resolution=32) for _ in range(n_archs)]
+    fidelity = recipe.fidelity(32)
+    print(f"(d) {n_archs} archs x {n_seeds} seeds, recipe {recipe.to_dict()}", flush=True)
+    records = train_records(archs, list(range(n_seeds)), fidelity, "digits", recipe, workers=workers, journal=journal,
+                            log=lambda line: print("(d) " + line, flush=True))
+    out = {"recipe": recipe.to_dict(), "fidelity": fidelity.to_dict(), "archs": [a.to_string() for a in archs]}
+    for split in ("val", "test"):
+        acc = np.array([[r.val_accuracy if split == "val" else r.test_accuracy for r in records[i:i + n_seeds]]
+                        for i in range(0, len(records), n_seeds)], dtype=float)
+        out[split] = {**seed_agreement(acc), "accuracies": acc.round(4).tolist()}
+        print(f"(d) {split}: " + ", ".join(f"{k} {v}" for k, v in out[split].items() if k != "accuracies"), flush=True)
+    out["seconds_per_training"] = round(float(np.mean([r.seconds for r in records])), 2)
+    print(f"(d) {out['seconds_per_training']:.1f} s per training at {max(1, (os.cpu_count() or 1) // workers)} "
+          f"thread(s), {workers} in parallel", flush=True)
     return out
 
 

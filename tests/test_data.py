@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nas.data import CIFAR_LAYOUT, augment, load_dataset, stratified_split, stratified_three_way
+from nas.data import CIFAR_LAYOUT, augment_batch, load_dataset, stratified_split, stratified_three_way
 from nas.errors import NasError
 
 
@@ -106,8 +106,8 @@ def test_three_way_split_keeps_every_image_once_and_the_test_part_fixed():
 def test_augment_crops_and_flips_per_image_but_never_when_disabled():
     x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
     g = torch.Generator().manual_seed(0)
-    assert torch.equal(augment(x, 0.0, False, g), x)
-    out = augment(x, 0.25, True, torch.Generator().manual_seed(0))
+    assert torch.equal(augment_batch(x, 0.0, False, g), x)
+    out = augment_batch(x, 0.25, True, torch.Generator().manual_seed(0))
     assert out.shape == x.shape and not torch.equal(out, x)
     # every output row is a (possibly flipped, possibly zero-padded) window of the input
     flipped_or_not = [x, x.flip(3)]

@@ -14,7 +14,8 @@ from nas.data import load_dataset
 from nas.errors import NasError
 from nas.fidelity import Fidelity
 from nas.space import load_space
-from nas.train import evaluate, resolve_hparams, train_candidate, warmup_cosine
+from nas.train import (LEGACY_RECIPE, Recipe, TrainRecord, default_recipe, evaluate, resolve_hparams, seed_agreement,
+                       train_candidate, train_records, validate, warmup_cosine)
 
 TINY = Fidelity(epochs=2, fraction=0.2, resolution=16)
 HP = {"optimizer": "sgd", "lr": 0.05, "batch_size": 32}
@@ -127,6 +128,92 @@ def test_returned_model_and_evaluate_agree(digits, tiny_arch):
     assert evaluate(lambda x: predict(x).argmax(1), digits, 16) == pytest.approx(result.accuracy)
     assert evaluate(lambda x: np.zeros(len(x), dtype=np.int64), digits, 16) == pytest.approx(
         float((digits.val.labels == 0).float().mean()))
+    # the test split is scored the same way, on its own images
+    assert evaluate(predict, digits, 16, split="test") == pytest.approx(validate(model, digits, 16, split="test")[0])
+    assert evaluate(lambda x: np.zeros(len(x), dtype=np.int64), digits, 16, split="test") == pytest.approx(
+        float((digits.test.labels == 0).float().mean()))
+    with pytest.raises(NasError, match="split should be one of val, test"):
+        evaluate(predict, digits, 16, split="train")
+
+
+def test_recipe_round_trips_and_names_a_bad_field():
+    recipe = default_recipe("digits")
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+    assert Recipe.from_dict(json.loads(json.dumps(recipe.to_dict()))) == recipe
+    assert recipe.fidelity(24) == Fidelity(recipe.epochs, 1.0, 24)
+    for key, value, message in [("optimizer", "rmsprop", "recipe optimizer must be one of sgd, adam, adamw"),
+                                ("lr", 0, "recipe lr must be a positive number"),
+                                ("warmup_share", 1.0, "recipe warmup_share"), ("grad_clip", -1, "recipe grad_clip"),
+                                ("epochs", 2.5, "recipe epochs"), ("augment", "yes", "recipe augment")]:
+        with pytest.raises(NasError, match=message):
+            Recipe(**{key: value})
+    with pytest.raises(NasError, match=r"unknown recipe key\(s\) \['momentum'\]"):
+        Recipe.from_dict({**recipe.to_dict(), "momentum": 0.8})
+    for spec in ("digits", "cifar10:/x", "imagefolder:/y"):
+        assert isinstance(default_recipe(spec), Recipe)
+
+
+def test_hparams_replace_the_recipes_optimizer_lr_and_batch(digits, tiny_arch):
+    hp = {"optimizer": "adam", "lr": 0.003, "batch_size": 32}
+    recipe = Recipe(grad_clip=2.0, epochs=4)
+    assert recipe.with_hparams(hp) == Recipe(optimizer="adam", lr=0.003, batch_size=32, weight_decay=0.0, grad_clip=2.0, epochs=4)
+    a = train_candidate(tiny_arch, hp, TINY, digits, recipe=recipe, threads=1)
+    b = train_candidate(tiny_arch, None, TINY, digits, recipe=recipe.with_hparams(hp), threads=1)
+    assert a.train_losses == b.train_losses
+    # without hparams the recipe decides: another recipe, another run
+    c = train_candidate(tiny_arch, None, TINY, digits, recipe=recipe, threads=1)
+    assert c.train_losses != a.train_losses
+
+
+def test_gradient_clipping_changes_the_run_only_when_it_binds(digits, tiny_arch):
+    free = train_candidate(tiny_arch, None, TINY, digits, recipe=Recipe(), threads=1)
+    loose = train_candidate(tiny_arch, None, TINY, digits, recipe=Recipe(grad_clip=1e9), threads=1)
+    tight = train_candidate(tiny_arch, None, TINY, digits, recipe=Recipe(grad_clip=1e-3), threads=1)
+    assert loose.train_losses == free.train_losses and tight.train_losses != free.train_losses
+
+
+def test_init_starts_from_given_weights(digits, tiny_arch):
+    trained = train_candidate(tiny_arch, None, Fidelity(3, 0.5, 16), digits, recipe=Recipe(), threads=1,
+                              return_model=True)
+    # a learning rate too small to move the weights: fine-tuning keeps what the init already knew
+    still = Recipe(lr=1e-9)
+    from_init = train_candidate(tiny_arch, None, Fidelity(1, 0.1, 16), digits, recipe=still, init=trained.model, threads=1)
+    from_state = train_candidate(tiny_arch, None, Fidelity(1, 0.1, 16), digits, recipe=still,
+                                 init=trained.model.state_dict(), threads=1)
+    scratch = train_candidate(tiny_arch, None, Fidelity(1, 0.1, 16), digits, recipe=still, threads=1)
+    assert from_init.accuracy == from_state.accuracy
+    assert from_init.accuracy > 0.5 > scratch.accuracy, (from_init.accuracy, scratch.accuracy)
+    space = load_space(SPACES / "tiny.yaml")
+    other = space.decode(space.sample(random.Random(7)))
+    assert other.to_string() != tiny_arch.to_string()
+    with pytest.raises(NasError, match="init weights do not fit this architecture"):
+        train_candidate(other, None, TINY, digits, recipe=still, init=trained.model, threads=1)
+
+
+def test_seed_agreement_counts_diverging_runs_and_rank_agreement():
+    acc = np.array([[0.9, 0.91, 0.9], [0.5, 0.52, 0.51], [0.7, 0.2, 0.71], [0.3, 0.31, np.nan]])
+    out = seed_agreement(acc)
+    assert out["outlier_runs"] == 2 and out["failed_runs"] == 1  # 0.2 under 0.71, and the failure (0 under 0.31)
+    assert out["archs"] == 4 and out["seeds"] == 3 and len(out["kendall_pairs"]) == 3
+    same = seed_agreement(np.array([[0.9, 0.91], [0.5, 0.52], [0.7, 0.71]]))
+    assert same["kendall_between_seeds"] == 1.0 and same["outlier_runs"] == 0
+    flipped = seed_agreement(np.array([[0.9, 0.5], [0.5, 0.9], [0.7, 0.7]]))
+    assert flipped["kendall_between_seeds"] < 0
+
+
+def test_train_records_journal_resumes_without_retraining(tmp_path, tiny_arch):
+    journal = tmp_path / "runs.jsonl"
+    fidelity, recipe = Fidelity(1, 0.1, 16), Recipe(batch_size=32)
+    first = train_records([tiny_arch], [0], fidelity, "digits", recipe, workers=1, journal=journal, log=lambda _: None)
+    assert len(first) == 1 and first[0].error is None and 0 <= first[0].test_accuracy <= 1
+    lines = []
+    both = train_records([tiny_arch], [0, 1], fidelity, "digits", recipe, workers=1, journal=journal, log=lines.append)
+    assert lines[0].startswith("1 of 2 trainings already journalled")
+    assert both[0] == first[0] and both[1].seed == 1 and len(journal.read_text().splitlines()) == 2
+    assert TrainRecord.from_dict(json.loads(journal.read_text().splitlines()[1])) == both[1]
+    journal.write_text("not json\n")
+    with pytest.raises(NasError, match="runs.jsonl:1: not a training record"):
+        train_records([tiny_arch], [0], fidelity, "digits", recipe, journal=journal, log=lambda _: None)
 
 
 def test_warmup_then_cosine_to_zero():
@@ -191,5 +278,5 @@ def test_only_short_runs_recalibrate(digits, tiny_arch, monkeypatch):
     monkeypatch.setattr(train_module, "recalibrate_batchnorm", lambda *a: calls.append(a) or real(*a))
     # 22 steps per epoch: after epoch 1, 0.9**22 = 10% of the running statistics are still their start
     # values; after epoch 2, 0.9**44 < 1% and the running averages are kept
-    train_candidate(tiny_arch, HP, Fidelity(2, 0.5, 16), digits, threads=1)
-    assert digits.train_steps(0.5, 32) == 22 and len(calls) == 1
+    train_candidate(tiny_arch, HP, Fidelity(2, 0.56, 16), digits, threads=1)
+    assert digits.train_steps(0.56, 32) == 22 and len(calls) == 1
