@@ -28,7 +28,7 @@ from nas.config import SearchConfig, check_resumable, write_config
 from nas.cost import arch_cost
 from nas.errors import NasError
 from nas.fidelity import Fidelity
-from nas.objectives import REWARD_PRESETS, Limits, Objective, check_reachable, cheapest, reward
+from nas.objectives import REWARD_PRESETS, Limits, Objective, check_reachable, reward
 from nas.pareto import pareto_front
 from nas.references import mobilenet_v2_width
 from nas.report import MNASNET_SPEEDUP, Point, plot_pareto, verdicts, write_pareto_json, write_report
@@ -106,12 +106,37 @@ def prepare(config: SearchConfig, out: str | Path | None, log: Log) -> Setup:
 
     target = get_target(config.target, threads=config.threads)
     data = load_dataset(config.data, seed=config.seed)
+    check_latency_goal(config, with_resolution(space, resolution), target, data.num_classes)
     run_dir = Path(out) if out else default_run_dir(config, space)
     check_resumable(run_dir, config)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_config(run_dir, config)
     log(f"run folder: {run_dir}")
     return Setup(config, with_resolution(space, resolution), data, target, run_dir)
+
+
+def check_latency_goal(config: SearchConfig, space: SearchSpace, target, num_classes: int) -> None:
+    """A latency limit (or a hard reward's target) below the fastest network the space can reach, as the
+    table predicts it, stops here, before the table is adapted or anything trained. Where the table lacks
+    entries for this run, the check waits for this machine's table (``objective``)."""
+    goal = config.latency_limit_ms if config.latency_limit_ms is not None else (
+        config.latency_target_ms if config.objectives == "reward" and config.reward == "hard" else None)
+    if goal is None:
+        return
+    from nas.latency.machine import fastest_reachable_ms, find_table
+    from nas.latency.table import LatencyTable, MissingEntryError
+
+    path = find_table(space, target, space.resolution, config.table)
+    table = LatencyTable.load(path)
+    table.require_target(target)
+    try:
+        fastest = fastest_reachable_ms(table, space, num_classes)
+    except MissingEntryError:
+        return
+    if goal < fastest:
+        flag = "--latency-limit-ms" if config.latency_limit_ms is not None else "--latency-target-ms"
+        raise NasError(f"{flag} {goal:g} is impossible: the fastest network of {space.source} is predicted at "
+                       f"{fastest:.4g} ms by {path}; raise it above that")
 
 
 def latency_model(setup: Setup, log: Log) -> LatencyModel:
@@ -139,7 +164,9 @@ def objective(setup: Setup, latency: LatencyModel) -> tuple[Objective, Limits]:
     if c.objectives == "pareto":
         return Objective("pareto"), limits
     if c.reward == "hard":
-        fastest_ms = cheapest(setup.space, costs, "latency_ms")[1]
+        from nas.latency.machine import fastest_reachable_ms
+
+        fastest_ms = fastest_reachable_ms(latency.table, setup.space, setup.data.num_classes)
         if c.latency_target_ms < fastest_ms:
             raise NasError(f"--latency-target-ms {c.latency_target_ms} is impossible with --reward hard: the fastest "
                            f"architecture of {setup.space.source} is predicted at {fastest_ms:.4g} ms; raise the target")
