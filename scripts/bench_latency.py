@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Latency-table benchmark: prediction throughput and held-out accuracy per space and thread count.
 
-Run on a quiet machine after building the tables (one per space and thread count)::
+Run on a quiet machine; each table is this machine's, as a search gets it (adapted where needed)::
 
     python scripts/bench_latency.py --spaces search_spaces/mnasnet.yaml search_spaces/mobilenetv2.yaml \\
         --threads 1 2 --n 100 --out latency_tables/bench-cpu.json --plots latency_tables/plots
@@ -19,7 +19,8 @@ import onnxruntime as ort
 
 from nas.cli import ArgumentParser
 from nas.errors import exit_on_user_error
-from nas.latency.table import LatencyTable, default_table_path
+from nas.latency.build import default_num_classes
+from nas.latency.machine import table_for_machine
 from nas.latency.targets import cpu_model, get_target
 from nas.latency.validate import format_summary, plot_validation, prediction_throughput, validate_table
 from nas.space import load_space
@@ -48,15 +49,13 @@ def main(argv: list[str] | None = None) -> int:
         space = load_space(space_file)
         for threads in args.threads:
             target = get_target(args.target, threads, args.batch)
-            path = default_table_path(space.name, space.resolution, target)
-            table = LatencyTable.load(path, expect_target=target.name, expect_threads=threads, expect_batch=args.batch)
-            result = {"space": space.name, "threads": threads, "table": str(path),
+            table, provenance = table_for_machine(space, target, resolution=space.resolution,
+                                                  num_classes=default_num_classes(space.resolution))
+            path = Path(provenance.path)
+            result = {"space": space.name, "threads": threads, "table": str(path), "provenance": provenance.to_dict(),
                       "throughput": prediction_throughput(table, space, args.throughput_archs)}
             print(f"{path}: {result['throughput']['per_s']:,} architectures/s predicted")
             if args.n:
-                # warns when the table comes from a faster or slower machine, and predicts at its speed
-                result["machine_speed_check"] = speed = table.check_machine_speed(target)
-                table.relevel(speed)
                 report = validate_table(table, space, target, args.n, args.seed)
                 print(format_summary(report))
                 result["validation"] = report

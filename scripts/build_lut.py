@@ -41,7 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "geometric mean: the calibration's level is the machine's state while they run")
     p.add_argument("--fresh", action="store_true", help="discard an unfinished build or an existing table")
     p.add_argument("--refit", action="store_true",
-                   help="measure nothing: fit the calibration of the existing --out table again to the networks it keeps")
+                   help="measure nothing: fit the calibration of the existing --out table again to the networks it keeps "
+                        "(rewrites a schema-2 table in schema 3)")
     p.add_argument("--estimate", type=int, metavar="N", help="only time N random entries and project the build time")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -64,10 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or default_table_path(space.name, resolution, target)
     if args.refit:
         old = LatencyTable.load(out)
-        before, table = old.calibration, refit_calibration(old)
+        table = refit_calibration(old)
         table.save(out)
-        was = f" (was {before.name}, {before.loo_mape[before.name]:.2f}%)" if before else ""
-        print(f"refitted {out}: {_describe(table)}{was}")
+        print(f"refitted {out}: {_describe(table)}")
         return 0
     try:
         table = build_table(space, target, out, resolution=resolution, num_classes=num_classes, protocol=protocol,
@@ -85,12 +85,9 @@ def _describe(table: LatencyTable) -> str:
     cal = table.calibration
     if not cal:
         return f"{len(table.entries)} entries, no calibration"
-    caches = [f"cache {cal.cache_mb} MB"] if cal.cache_mb is not None else []
-    caches += [f"near cache {cal.near_cache_mb} MB"] if cal.near_cache_mb is not None else []
-    caches += [f"{cal.bandwidth_gbs} GB/s"] if cal.bandwidth_gbs is not None else []
-    setting = f" ({', '.join(caches)})" if caches else ""
-    return (f"{len(table.entries)} entries, calibration {cal.name}{setting} {[round(c, 5) for c in cal.coef]}, "
-            f"leave-one-out error {cal.loo_mape[cal.name]:.2f}%")
+    cache = f", spill terms beyond {cal.cache_mb} MB" if cal.cache_mb is not None else ""
+    return (f"{len(table.entries)} entries, calibration on {len(cal.rows)} networks{cache}, "
+            f"leave-one-out error {cal.loo_mape:.2f}%")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,11 @@
 """Predicted vs measured latency of held-out random networks of a space (see docs/latency.md).
 
     python scripts/validate_lut.py --target cpu --space search_spaces/mnasnet.yaml --n 100 --seed 1
+
+The table is this machine's, as a search gets it (``nas.latency.machine.table_for_machine``): adapted
+here when it comes from another CPU or the machine check reads beyond +-5%, with missing entries
+measured. An adapted table is scored beside its source re-levelled by one factor and as built, on the
+same measurements.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ from pathlib import Path
 
 from nas.cli import ArgumentParser, add_target_arguments
 from nas.errors import exit_on_user_error
-from nas.latency.table import LatencyTable, default_table_path
+from nas.latency.build import default_num_classes
+from nas.latency.machine import ADAPT_MODES, BUDGET_S, table_for_machine
+from nas.latency.table import LatencyTable
 from nas.latency.targets import get_target
 from nas.latency.validate import VALIDATION_PASSES, format_summary, plot_validation, validate_table
 from nas.space import load_space
@@ -24,19 +31,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__)
     add_target_arguments(p)
     p.add_argument("--table", help="latency table (default: the build_lut.py default name for these settings)")
-    p.add_argument("--resolution", type=int, help="resolution of the default table name (default: the space's)")
+    p.add_argument("--resolution", type=int, help="input resolution (default: the space's)")
+    p.add_argument("--num-classes", type=int, help="classifier width (default 1000 at >= 224 px, else 10)")
     p.add_argument("--n", type=int, default=100, help="held-out networks to measure (default 100)")
     p.add_argument("--seed", type=int, default=1, help="random.Random seed of the networks (default 1)")
-    p.add_argument("--no-anchor", action="store_true",
-                   help="skip timing the table's calibration networks again (which re-anchors the figures to the "
-                        "machine's speed of the moment)")
-    p.add_argument("--as-built", action="store_true",
-                   help="predict with the table as built even where the machine check (60 of its calibration "
-                        "networks timed first) finds this machine more than 5%% faster or slower than the table's "
-                        "(otherwise every prediction is scaled by that ratio, as search.py does)")
     p.add_argument("--passes", type=int, default=VALIDATION_PASSES,
-                   help=f"measure every network this many times, minutes apart, and keep the geometric mean "
-                        f"(default {VALIDATION_PASSES})")
+                   help=f"measure every network this many times and keep the geometric mean (default "
+                        f"{VALIDATION_PASSES}); their agreement is this machine's repeatability ceiling")
+    p.add_argument("--adapt", choices=ADAPT_MODES, default="auto",
+                   help="adapt the table to this machine: auto (another CPU, or the machine check beyond +-5%%), "
+                        "always, or never (only missing entries are measured)")
+    p.add_argument("--budget-s", type=float, default=BUDGET_S, help=f"adaptation time budget (default {BUDGET_S:g} s)")
     p.add_argument("--json", help="write the summary and per-network rows here")
     p.add_argument("--plot", help="predicted-vs-measured PNG (default: the --json file with .png, else "
                                   "<table name>-validation.png here)")
@@ -50,18 +55,26 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     target = get_target(args.target, args.threads, args.batch)
     space = load_space(args.space)
-    path = args.table or default_table_path(space.name, args.resolution or space.resolution, target)
-    table = LatencyTable.load(path, expect_target=target.name, expect_threads=target.threads, expect_batch=target.batch)
-    speed = table.check_machine_speed(target)  # warns when the table comes from a faster or slower machine
-    if not args.as_built:
-        table.relevel(speed)  # beyond +-5%, predictions at this machine's speed; the report keeps the as-built ones
-    report = validate_table(table, space, target, args.n, args.seed, progress=not args.quiet,
-                            anchor=not args.no_anchor, passes=args.passes)
-    report["machine_speed_check"] = speed
+    resolution = args.resolution or space.resolution
+    num_classes = args.num_classes or default_num_classes(resolution)
+    table, provenance = table_for_machine(space, target, resolution=resolution, num_classes=num_classes,
+                                          table=args.table, budget_s=args.budget_s, adapt=args.adapt)
+    compare, exclude = {}, frozenset()
+    if provenance.path != provenance.source:
+        source = LatencyTable.load(provenance.source)
+        if (source.resolution, source.num_classes) == (resolution, num_classes):
+            exclude = frozenset(row.key for row in source.calibration.rows) if source.calibration else frozenset()
+            if provenance.relevel_ratio:  # what one factor, from the same networks, would have made of it
+                ratio = provenance.relevel_ratio
+                compare["relevelled"] = lambda arch: source.predict(arch) * ratio
+            compare["as_built"] = source.predict
+    report = validate_table(table, space, target, args.n, args.seed, passes=args.passes, compare=compare,
+                            exclude=exclude, progress=not args.quiet)
+    report["provenance"] = provenance.to_dict()
     print(format_summary(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
-    plot = args.plot or (Path(args.json).with_suffix(".png") if args.json else f"{Path(path).stem}-validation.png")
+    plot = args.plot or (Path(args.json).with_suffix(".png") if args.json else f"{Path(provenance.path).stem}-validation.png")
     plot_validation(report, plot)
     print(f"wrote {plot}" + (f" and {args.json}" if args.json else ""))
     return 0

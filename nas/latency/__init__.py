@@ -1,10 +1,12 @@
-"""Latency: targets, the measurement protocol, lookup tables and their validation.
+"""Latency: targets, the measurement protocol, lookup tables, their calibration, adaptation to this
+machine and validation.
 
 Typical use::
 
     from nas.latency import LatencyTable
-    table = LatencyTable.load("latency_tables/mnasnet-r32-cpu-t1-b1.json", expect_target="cpu", expect_threads=1)
-    ms = table.predict(arch)
+    from nas.latency import get_target, table_for_machine
+    table, provenance = table_for_machine(space, get_target("cpu"), resolution=32, num_classes=10)
+    ms = table.predict(arch)    # predicted end-to-end ms on this machine
 
 Names are imported on first use: predicting from a table needs neither torch nor the measurement
 code, and importing torch takes seconds.
@@ -16,8 +18,10 @@ _EXPORTS = {
     "BusyMonitor": "measure", "Measurement": "measure", "Protocol": "measure", "measure_archs": "measure",
     "measure_models": "measure", "measure_onnx": "measure", "measurement_lock": "measure",
     "training_lock": "measure",
-    "LatencyTable": "table", "MissingEntryError": "table", "TableMismatchWarning": "table",
-    "default_table_path": "table",
+    "LatencyTable": "table", "MissingEntryError": "table", "default_table_path": "table",
+    "Calibration": "calibration",
+    "TableProvenance": "machine", "adapt_table": "machine", "cache_dir": "machine", "fastest_reachable_ms": "machine",
+    "machine_check": "machine", "table_for_machine": "machine",
     "PROVIDERS": "targets", "Target": "targets", "get_target": "targets",
 }
 __all__ = sorted(_EXPORTS)

@@ -50,7 +50,7 @@ from nas.errors import NasError
 from nas.export import MIN_OPSET, export_onnx
 from nas.latency.measure import (UNSTABLE_PASSES, BusyMonitor, Measurement, Protocol, faster, measure_models,
                                  measurement_lock)
-from nas.latency.table import Calibration, LatencyTable
+from nas.latency.table import LatencyTable
 from nas.latency.targets import Target, cpu_model
 from nas.space import SearchSpace, block_contexts, with_resolution
 
@@ -114,7 +114,7 @@ def calibration_networks(space: SearchSpace, n: int, seed: int, raw_ms: Callable
     return archs + sorted(pool, key=raw_ms)[:fast]
 
 
-def _entry_model(item: BlockSpec | HeadSpec, target: Target, opset: int) -> bytes:
+def entry_model(item: BlockSpec | HeadSpec, target: Target, opset: int) -> bytes:
     """A one-block ONNX model with the block's own input shape."""
     if isinstance(item, HeadSpec):
         module, channels = Head(item, dropout=0.0), item.in_ch
@@ -254,7 +254,7 @@ class _Measurer:
                 self.run(kind, pass_number, unstable, model, len(unstable), f"unstable {plural}, pass {number}")
 
 
-def _entry_dict(m: Measurement) -> dict[str, Any]:
+def entry_dict(m: Measurement) -> dict[str, Any]:
     return {"ms": round(m.ms, 6), "median_ms": round(m.median_ms, 6), "p10_ms": round(m.p10_ms, 6),
             "p90_ms": round(m.p90_ms, 6), "count": m.count, "spread": round(m.spread, 4),
             "slowdown": round(m.slowdown, 4), "stable": m.stable}
@@ -304,8 +304,8 @@ def build_table(
     order = list(items)
     random.Random(ENTRY_ORDER_SEED).shuffle(order)
 
-    def entry_model(key: str) -> bytes:
-        return _entry_model(items[key], target, opset)
+    def model_of(key: str) -> bytes:
+        return entry_model(items[key], target, opset)
 
     def network_model(name: str) -> bytes:
         return export_onnx(archs[name], batch=target.batch, num_classes=num_classes)
@@ -322,7 +322,7 @@ def build_table(
         todo = [key for key in order if key not in partial.measured("entry", number)]
         now = todo if left is None else todo[:left]
         of = f", pass {number} of {passes}" if passes > 1 else ""
-        measurer.run("entry", number, now, entry_model, len(items), f"{space.name} entries{of}")
+        measurer.run("entry", number, now, model_of, len(items), f"{space.name} entries{of}")
         if len(now) < len(todo):
             return None
         left = None if left is None else left - len(now)
@@ -330,20 +330,20 @@ def build_table(
             first = LatencyTable(settings, {key: {"ms": m.ms} for key, m in partial.measured("entry", 1).items()},
                                  None, str(out))
             archs = {arch.to_string(): arch for arch in calibration_networks(
-                space, calibration_archs, calibration_seed, lambda arch: first.predict_raw(arch)[0])}
+                space, calibration_archs, calibration_seed, first.predict_raw)}
         if number <= calibration_passes:
             calibrate(number)
     for number in range(passes + 1, calibration_passes + 1):
         calibrate(number)
-    measurer.again("entry", order, entry_model)
+    measurer.again("entry", order, model_of)
     measurer.again("calibration", list(archs), network_model)
 
-    entries = {key: _entry_dict(measurer.combined("entry", key)) for key in items}
+    entries = {key: entry_dict(measurer.combined("entry", key)) for key in items}
     uncalibrated = LatencyTable(settings, entries, None, str(out))
     calibration = None
     if archs:
-        calibration = _fit_calibration(uncalibrated, list(archs.values()),
-                                       [measurer.combined("calibration", name).ms for name in archs], calibration_seed)
+        calibration = uncalibrated.fit_calibration(list(archs.values()),
+                                                   [measurer.combined("calibration", name).ms for name in archs])
 
     unstable = sum(not entry["stable"] for entry in entries.values())
     if unstable:
@@ -365,21 +365,15 @@ def build_table(
     return table
 
 
-def _fit_calibration(table: LatencyTable, archs: list[Arch], measured: list[float], seed: int) -> Calibration:
-    return Calibration.fit(archs, [table.terms(arch) for arch in archs], measured, seed)
-
-
 def refit_calibration(table: LatencyTable) -> LatencyTable:
-    """The table with its calibration fitted again to the networks it keeps (arch and measured ms),
-    without measuring: for a table built before a calibration candidate was added. Entries, metadata
-    and networks stay; the candidates compete again by leave-one-out error."""
+    """The table with its calibration fitted again to the networks it keeps (arch and measured ms), without
+    measuring: for a table whose calibration came from an older model."""
     old = table.calibration
     if old is None or not old.rows:
         raise NasError(f"{table.source}: the table keeps no calibration networks to refit; rebuild it with "
                        "python scripts/build_lut.py --fresh")
-    archs = [Arch.parse(row["arch"]) for row in old.rows]
-    calibration = _fit_calibration(table, archs, [row["measured_ms"] for row in old.rows], old.seed)
-    return LatencyTable(table.metadata, table.entries, calibration, table.source)
+    archs = [Arch.parse(row.arch) for row in old.rows]
+    return table.with_calibration(table.fit_calibration(archs, [row.measured_ms for row in old.rows]))
 
 
 def estimate_build_seconds(space: SearchSpace, target: Target, *, resolution: int | None = None,
@@ -399,7 +393,7 @@ def estimate_build_seconds(space: SearchSpace, target: Target, *, resolution: in
     exporting = 0.0
     for start in range(0, len(picked), chunk):
         t0 = time.perf_counter()
-        models = [_entry_model(item, target, opset) for item in picked[start:start + chunk]]
+        models = [entry_model(item, target, opset) for item in picked[start:start + chunk]]
         exporting += time.perf_counter() - t0
         measure_models(models, target, protocol, monitor)
     per_entry = (time.perf_counter() - started) / len(picked)

@@ -1,0 +1,496 @@
+"""A table for this machine: the machine check, adaptation of another machine's table, entries on demand.
+
+A table describes the machine it was measured on; this module makes one for the machine it runs on,
+in a bounded time, keeping the source table's measurements as the prior (after HELP / LitePred):
+
+1. Entries. A stratified sample of the entries the space needs (by block kind, resolution level and
+   channel band, so that any prefix covers the strata) is measured here until about half the budget
+   is spent. A ridge regression on block features (kind, level, kernel, stride, widths, SE, the source
+   entry's size, kind x level) maps a source entry to the log of its ratio here; its intercept is the
+   one-factor re-levelling, so with few samples it shrinks to exactly that. Every unmeasured entry is
+   its source entry times its predicted ratio; measured ones keep their measurement.
+2. Entries the source lacks (another class count's head, another resolution, a block the space file
+   gained) are measured here: a table never answers with a default.
+3. Whole networks (the source's own calibration networks where they fit, so the one-factor ratio
+   comes for free, else random and fast ones) are measured in the rest of the budget, and the
+   calibration is either the source's corrected (``a * prediction + b * lookups + c``) or fitted anew,
+   whichever has the lower leave-one-out error.
+
+``table_for_machine`` decides: a table from another CPU is adapted; one from this CPU is checked
+(``machine_check``: its calibration networks timed again) and adapted when the check reads beyond
+``ADAPT_BEYOND``; entries the space needs are measured in any case. The result is cached per machine
+under ``cache_dir()`` (a path the log line prints; delete the file to adapt again) and reused.
+Everything here measures: never call it while training runs (``measurement_lock`` waits for training).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import logging
+import math
+import os
+import random
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from nas.arch import Arch
+from nas.blocks import BlockSpec, HeadSpec
+from nas.errors import NasError
+from nas.export import MIN_OPSET
+from nas.latency.build import calibration_networks, combined_network, entry_dict, entry_model, sample_archs
+from nas.latency.calibration import KIND_TERMS, KINDS, LEVELS, TERMS, Calibration, fit_relative, loo_mape, \
+    resolution_level
+from nas.latency.measure import BusyMonitor, Protocol, measure_archs, measure_models, measurement_lock
+from nas.latency.table import LatencyTable, default_table_path
+from nas.latency.targets import Target, cpu_model
+from nas.space import SearchSpace, block_contexts, with_resolution
+
+log_ = logging.getLogger(__name__)
+
+# beyond it, a table of this CPU is adapted rather than trusted: within it the check cannot tell the
+# machine's level from its own scatter (docs/latency.md)
+ADAPT_BEYOND = 0.05
+BUDGET_S = 120.0
+ENTRY_SHARE = 0.5  # of the budget, for sampled entries; whole networks get the rest
+MIN_NETWORKS = 10  # measured even when the budget is spent: a correction needs points beyond its 3 coefficients
+CHECK_NETWORKS = 60  # the machine check: the table's calibration networks timed again, in CHECK_PASSES passes
+CHECK_PASSES = 2
+CHECK_SECONDS = 60.0  # ... fewer networks where they take longer (224 px)
+ENTRY_CHUNK = 32
+NETWORK_CHUNK = 10
+RIDGE_ALPHAS = tuple(np.logspace(-2, 4, 13))
+ADAPT_MODES = ("auto", "always", "never")
+
+
+def cache_dir() -> Path:
+    """Where adapted tables are kept: ``$NAS_CACHE_DIR``, else ``$XDG_CACHE_HOME/nas``, else ``~/.cache/nas``."""
+    base = os.environ.get("NAS_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nas"
+    return Path(base) / "latency_tables"
+
+
+def machine_slug(cpu: str | None = None) -> str:
+    """This machine's CPU as a file-name part: readable, plus a short hash so that long names stay distinct."""
+    cpu = cpu or cpu_model()
+    readable = re.sub(r"[^a-z0-9]+", "-", cpu.lower()).strip("-")[:48]
+    return f"{readable}-{hashlib.sha256(cpu.encode()).hexdigest()[:6]}"
+
+
+def machine_table_path(source: LatencyTable, space: SearchSpace, resolution: int, num_classes: int, target: Target,
+                       directory: Path | None = None) -> Path:
+    """The cached copy of ``source`` for this machine, space, resolution and class count."""
+    origin = (source.sha256 or "none")[:10]
+    name = (f"{space.name}-r{resolution}-c{num_classes}-{target.name}-t{target.threads}-b{target.batch}"
+            f"-from-{origin}-on-{machine_slug()}.json")
+    return (directory or cache_dir()) / name
+
+
+@dataclass(frozen=True)
+class TableProvenance:
+    """Where the table a run predicts with comes from, and what was done to it on this machine."""
+
+    source: str  # the table file asked for (or found by its default name)
+    source_sha256: str | None
+    path: str  # the file the returned table lives in (the source itself, or this machine's cached copy)
+    action: str  # "as built" | "adapted" | "reused" | "entries added"
+    reason: str  # why (empty for "as built")
+    cpu: str  # this machine's
+    source_cpu: str | None
+    machine_check: float | None = None  # this machine's time over the table's on its calibration networks
+    relevel_ratio: float | None = None  # the one factor re-levelling would have used
+    on_demand_entries: int = 0
+    loo_mape: float | None = None  # the calibration's leave-one-out error on networks measured here
+
+    @property
+    def summary(self) -> str:
+        """One line for a report: the file, and what was done to it here and why."""
+        what = self.action + (f" ({self.reason})" if self.reason else "")
+        fit = f", calibration leave-one-out error {self.loo_mape:.2f}%" if self.loo_mape is not None else ""
+        return f"{self.path}: {what}{fit}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "summary": self.summary}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TableProvenance":
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+
+
+# --- measuring ----------------------------------------------------------------------------------
+
+
+def _protocol(table: LatencyTable) -> Protocol:
+    return Protocol.from_dict(table.metadata["protocol"]) if table.metadata.get("protocol") else Protocol()
+
+
+def _require_provider(target: Target, key: str, table: LatencyTable) -> None:
+    """Measuring needs the target's provider here; without it a missing entry cannot be had."""
+    if target.provider not in ort.get_available_providers():
+        raise NasError(f"{table.source}: no latency entry for {key!r}, and it cannot be measured here: target "
+                       f"{target.name!r} needs ONNX Runtime's {target.provider}, which this onnxruntime "
+                       f"{ort.__version__} lacks; add the entry on that device with python scripts/adapt_lut.py")
+
+
+def measure_entries(items: Sequence[BlockSpec | HeadSpec], target: Target, protocol: Protocol, *, opset: int = MIN_OPSET,
+                    monitor: BusyMonitor | None = None, deadline: float = math.inf) -> dict[str, dict[str, Any]]:
+    """Entries (``build.entry_dict``) for ``items``, measured in chunks until ``deadline``
+    (``time.monotonic``); at least one chunk."""
+    out: dict[str, dict[str, Any]] = {}
+    with measurement_lock():
+        if monitor is None and protocol.reference:
+            monitor = BusyMonitor(target, protocol)
+        for start in range(0, len(items), ENTRY_CHUNK):
+            if out and time.monotonic() > deadline:
+                break
+            part = items[start:start + ENTRY_CHUNK]
+            models = [entry_model(item, target, opset) for item in part]
+            for item, m in zip(part, measure_models(models, target, protocol, monitor)):
+                out[item.key] = entry_dict(m)
+    return out
+
+
+def measure_networks(archs: Sequence[Arch], target: Target, protocol: Protocol, num_classes: int, *,
+                     monitor: BusyMonitor | None = None, deadline: float = math.inf,
+                     at_least: int = MIN_NETWORKS) -> list[float]:
+    """End-to-end ms of a prefix of ``archs``: chunks until ``deadline``, but at least ``at_least`` networks."""
+    measured: list[float] = []
+    with measurement_lock():
+        if monitor is None and protocol.reference:
+            monitor = BusyMonitor(target, protocol)
+        for start in range(0, len(archs), NETWORK_CHUNK):
+            if len(measured) >= at_least and time.monotonic() > deadline:
+                break
+            part = archs[start:start + NETWORK_CHUNK]
+            measured += [m.ms for m in measure_archs(part, target, protocol, num_classes, monitor=monitor)]
+    return measured
+
+
+def machine_check(table: LatencyTable, target: Target, *, networks: int = CHECK_NETWORKS, passes: int = CHECK_PASSES,
+                  seconds: float = CHECK_SECONDS) -> float | None:
+    """This machine's time now over the table's, on a seeded sample of the table's own calibration networks
+    timed again (each the geometric mean of ``passes`` passes, shuffled anew in each): the median ratio.
+    Fewer networks where the first pass would take more than ``seconds / passes``. None for a table without
+    calibration networks at its own resolution and class count."""
+    rows = list(table.calibration.rows) if table.calibration else []
+    if not rows:
+        return None
+    rng = random.Random(0)
+    picked = rng.sample(rows, min(networks, len(rows)))
+    archs = [Arch.parse(row.arch) for row in picked]
+    protocol = _protocol(table)
+    with measurement_lock():
+        monitor = BusyMonitor(target, protocol, table.metadata.get("reference_ms")) if protocol.reference else None
+        deadline = time.monotonic() + seconds / passes
+        first = measure_networks(archs, target, protocol, table.num_classes, monitor=monitor, deadline=deadline)
+        archs, picked = archs[:len(first)], picked[:len(first)]
+        timed = [[ms] for ms in first]
+        for _ in range(passes - 1):
+            order = rng.sample(range(len(archs)), len(archs))
+            for i, m in zip(order, measure_archs([archs[i] for i in order], target, protocol, table.num_classes,
+                                                 monitor=monitor)):
+                timed[i].append(m.ms)
+    return float(np.median([math.exp(np.mean(np.log(t))) / row.measured_ms for t, row in zip(timed, picked)]))
+
+
+# --- the transfer model of entries ----------------------------------------------------------------
+
+ENTRY_KINDS = (*KINDS, "head")
+
+
+def _kind(item: BlockSpec | HeadSpec) -> str:
+    return "head" if isinstance(item, HeadSpec) else item.op
+
+
+def _stratum(item: BlockSpec | HeadSpec, resolution: int) -> tuple:
+    out_ch = item.num_classes if isinstance(item, HeadSpec) else item.out_ch
+    return _kind(item), resolution_level(item.resolution, resolution), int(math.log2(max(out_ch, 1)))
+
+
+def stratified_order(items: Sequence[BlockSpec | HeadSpec], resolution: int, seed: int) -> list[BlockSpec | HeadSpec]:
+    """``items`` in an order whose every prefix spreads over the strata (kind, level, channel band):
+    round-robin over the strata, each shuffled."""
+    rng = random.Random(seed)
+    strata: dict[tuple, list] = {}
+    for item in items:
+        strata.setdefault(_stratum(item, resolution), []).append(item)
+    queues = [rng.sample(group, len(group)) for _, group in sorted(strata.items())]
+    rng.shuffle(queues)
+    order = []
+    while queues:
+        order += [queue.pop() for queue in queues]
+        queues = [queue for queue in queues if queue]
+    return order
+
+
+def entry_features(item: BlockSpec | HeadSpec, source_ms: float, resolution: int) -> list[float]:
+    """What the ratio of an entry here to its source entry may depend on."""
+    kind = ENTRY_KINDS.index(_kind(item))
+    level = resolution_level(item.resolution, resolution)
+    onehot_kind = [float(k == kind) for k in range(len(ENTRY_KINDS))]
+    onehot_level = [float(k == level) for k in range(LEVELS)]
+    log_ms = math.log(source_ms)
+    if isinstance(item, HeadSpec):
+        shape = [math.log2(item.in_ch), math.log2(item.num_classes), math.log2(item.hidden or 1), 0, 0, 0, 0, 0, 0, 0]
+    else:
+        shape = [math.log2(item.in_ch), math.log2(max(item.out_ch, 1)), math.log2(max(item.mid_ch, 1)),
+                 float(item.kernel == 3), float(item.kernel == 5), float(item.kernel >= 7), float(item.stride > 1),
+                 float(item.se_ch > 0), float(item.residual), math.log2(item.resolution)]
+    return [*onehot_kind, *onehot_level, *shape, log_ms, *(k * log_ms for k in onehot_kind),
+            *(a * b for a in onehot_kind for b in onehot_level)]
+
+
+@dataclass(frozen=True)
+class EntryTransfer:
+    """log(entry here / source entry) = ridge regression on ``entry_features``."""
+
+    mean: tuple[float, ...]
+    scale: tuple[float, ...]
+    coef: tuple[float, ...]
+    intercept: float
+    alpha: float
+    samples: int
+    loo_mape: float  # leave-one-out mean |error| in % of a sampled entry predicted from the others
+
+    @classmethod
+    def fit(cls, features: np.ndarray, log_ratios: np.ndarray) -> "EntryTransfer":
+        from sklearn.linear_model import RidgeCV
+
+        mean, scale = features.mean(axis=0), features.std(axis=0)
+        scale[scale == 0] = 1.0
+        model = RidgeCV(alphas=RIDGE_ALPHAS, store_cv_results=True).fit((features - mean) / scale, log_ratios)
+        best = list(RIDGE_ALPHAS).index(model.alpha_)
+        loo = float(np.mean(np.abs(np.expm1(np.sqrt(model.cv_results_[:, best])))) * 100)
+        return cls(tuple(mean), tuple(scale), tuple(model.coef_), float(model.intercept_), float(model.alpha_),
+                   len(log_ratios), loo)
+
+    def ratios(self, features: np.ndarray) -> np.ndarray:
+        z = (features - np.asarray(self.mean)) / np.asarray(self.scale)
+        return np.exp(z @ np.asarray(self.coef) + self.intercept)
+
+    def summary(self) -> dict[str, Any]:
+        return {"model": "ridge on log ratio", "alpha": self.alpha, "samples": self.samples,
+                "global_factor": math.exp(self.intercept), "loo_mape": self.loo_mape}
+
+
+# --- adaptation ---------------------------------------------------------------------------------
+
+
+def _correction(prior: Sequence[float], lookups: Sequence[int], measured: np.ndarray) -> tuple[np.ndarray, float]:
+    design = np.column_stack([prior, lookups, np.ones(len(prior))])
+    return fit_relative(design, measured), loo_mape(design, measured)
+
+
+def corrected(source: Calibration, a: float, per_lookup: float, constant: float) -> tuple[float, ...]:
+    """The coefficients of ``a * source + per_lookup * lookups + constant`` (the head's lookup is in the constant)."""
+    coef = dict(zip(TERMS, (a * c for c in source.coef)))
+    for name in KIND_TERMS:
+        coef[name] += per_lookup
+    coef["one"] += per_lookup + constant
+    return tuple(coef[name] for name in TERMS)
+
+
+def adapt_table(source: LatencyTable, space: SearchSpace, target: Target, *, resolution: int, num_classes: int,
+                budget_s: float = BUDGET_S, transfer: bool = True, seed: int = 0, reason: str = "",
+                log: Callable[[str], None] = log_.info) -> LatencyTable:
+    """A table of ``space`` at ``resolution`` with ``num_classes`` for this machine, from ``source``
+    (see the module's docstring); its ``metadata["adaptation"]`` records what was measured and fitted.
+    ``transfer``: correct the source entries by a sample measured here (False: they are of this machine)."""
+    started = time.monotonic()
+    deadline = started + budget_s
+    protocol = _protocol(source)
+    space = with_resolution(space, resolution)
+    missing = source.missing(space, resolution, num_classes)
+    missing_keys = {item.key for item in missing}
+    blocks, heads = block_contexts(space, num_classes)
+    present = [item for item in (*blocks, *heads) if item.key not in missing_keys]
+    if missing:
+        _require_provider(target, missing[0].key, source)
+    entries = {item.key: dict(source.entries[item.key]) for item in present}
+    record: dict[str, Any] = {"source": source.source, "source_sha256": source.sha256,
+                              "source_cpu": source.metadata.get("cpu"), "reason": reason, "budget_s": budget_s}
+    with measurement_lock():
+        monitor = BusyMonitor(target, protocol) if protocol.reference else None
+        if transfer and present:
+            order = stratified_order(present, resolution, seed)
+            sampled = measure_entries(order, target, protocol, monitor=monitor,
+                                      deadline=started + ENTRY_SHARE * budget_s)
+            items = {item.key: item for item in present}
+            src = {key: source.entry_ms(key) for key in items}
+            x = np.array([entry_features(items[k], src[k], resolution) for k in sampled])
+            y = np.log([sampled[k]["ms"] / src[k] for k in sampled])
+            model = EntryTransfer.fit(x, y)
+            ratios = model.ratios(np.array([entry_features(item, src[item.key], resolution) for item in present]))
+            for item, ratio in zip(present, ratios):
+                entries[item.key] = {"ms": round(src[item.key] * float(ratio), 6), "origin": "transferred"}
+            for key, entry in sampled.items():
+                entries[key] = {**entry, "origin": "measured"}
+            record["entries"] = {**model.summary(), "measured": sorted(sampled), "transferred": len(present) - len(sampled)}
+        if missing:
+            log(f"measuring {len(missing)} latency entries {source.source} lacks for {space.name} at {resolution} px "
+                f"with {num_classes} classes")
+            for key, entry in measure_entries(missing, target, protocol, monitor=monitor).items():
+                entries[key] = {**entry, "origin": "on demand"}
+        record["on_demand"] = sorted(missing_keys)
+        table = LatencyTable({**source.metadata, **target.settings(), "cpu": cpu_model(), "space": space.name,
+                              "resolution": resolution, "num_classes": num_classes}, entries, source.calibration,
+                             source.source)
+        table = _calibrate(table, source, space, target, protocol, monitor, deadline, seed, record)
+    record["seconds"] = round(time.monotonic() - started, 1)
+    record["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return LatencyTable({**table.metadata, "adaptation": record}, table.entries, table.calibration, table.source)
+
+
+def _calibrate(table: LatencyTable, source: LatencyTable, space: SearchSpace, target: Target, protocol: Protocol,
+               monitor: BusyMonitor | None, deadline: float, seed: int, record: dict[str, Any]) -> LatencyTable:
+    """Whole networks measured until ``deadline``: the source calibration corrected, or one fitted anew."""
+    resolution, num_classes = table.resolution, table.num_classes
+    same_networks = source.calibration is not None and source.calibration.rows and \
+        (source.resolution, source.num_classes) == (resolution, num_classes)
+    if same_networks:
+        rows = random.Random(seed).sample(list(source.calibration.rows), len(source.calibration.rows))
+        archs = [Arch.parse(row.arch) for row in rows]
+    else:
+        rows = []
+        archs = calibration_networks(space, 150, seed, table.predict_raw)
+        random.Random(seed).shuffle(archs)
+    measured = np.array(measure_networks(archs, target, protocol, num_classes, monitor=monitor, deadline=deadline))
+    archs = archs[:len(measured)]
+    prior = table.predict_many(archs)
+    lookups = [len(a.layers) + 1 for a in archs]
+    coef, correction_loo = _correction(prior, lookups, measured)
+    base = table.calibration or Calibration(tuple(1.0 if n.startswith("level") else 0.0 for n in TERMS))
+    calibration = Calibration(corrected(base, *coef), base.cache_mb, correction_loo, "correction")
+    candidates = {"correction": correction_loo}
+    if len(measured) >= len(TERMS) + 5:
+        fitted = table.with_calibration(None).fit_calibration(archs, list(measured))
+        candidates["fit"] = fitted.loo_mape
+        if fitted.loo_mape < correction_loo:
+            calibration = fitted
+    pairs = [(a.to_string(), a.key) for a in archs]
+    calibration = calibration.with_rows(pairs, [table.terms(a) for a in archs], measured)
+    record["networks"] = {"measured": len(measured), "candidates_loo_mape": candidates, "chosen": calibration.method,
+                          "correction": [float(c) for c in coef]}
+    if rows:
+        record["relevel_ratio"] = float(np.median(measured / np.array([row.measured_ms for row in rows[:len(measured)]])))
+    return table.with_calibration(calibration)
+
+
+# --- the entry point a run uses ------------------------------------------------------------------
+
+
+def find_table(space: SearchSpace, target: Target, resolution: int, table: str | Path | None) -> Path:
+    """``table``, else the default name at ``resolution``, else at the space's own resolution (its entries
+    at ``resolution`` are then measured on demand)."""
+    if table is not None:
+        if not Path(table).is_file():
+            raise NasError(f"--table {table}: no such file; omit --table to use latency_tables/ by default")
+        return Path(table)
+    for res in dict.fromkeys((resolution, space.resolution)):
+        path = default_table_path(space.name, res, target)
+        if path.is_file():
+            return path
+    raise NasError(f"no latency table for {space.name} on {target.name} t{target.threads} b{target.batch} "
+                   f"({default_table_path(space.name, resolution, target)}); build one with python scripts/build_lut.py "
+                   f"--target {target.name} --threads {target.threads} --space {space.source} --resolution {resolution}")
+
+
+def table_for_machine(space: SearchSpace, target: Target, *, resolution: int, num_classes: int,
+                      table: str | Path | None = None, log: Callable[[str], None] = print, budget_s: float = BUDGET_S,
+                      adapt: str = "auto", directory: Path | None = None) -> tuple[LatencyTable, TableProvenance]:
+    """The table to predict with on this machine, and where it came from.
+
+    Loads ``table`` (or the shipped one by its default name) and fails fast (``NasError``, before any
+    measurement) on a table of another target, thread count, batch or space. Then: a cached copy for this
+    machine is reused; else a table from another CPU is adapted (``adapt_table``, within ``budget_s``),
+    one from this CPU checked (``machine_check``) and adapted when the check reads beyond ``ADAPT_BEYOND``;
+    entries the space needs at ``resolution`` with ``num_classes`` are measured if missing. Anything
+    changed is saved to this machine's copy under ``directory`` (default ``cache_dir()``). ``adapt``:
+    "auto", "never" (only missing entries are measured) or "always". Never call it while training runs.
+    """
+    if adapt not in ADAPT_MODES:
+        raise NasError(f"--adapt must be one of {', '.join(ADAPT_MODES)}, got {adapt!r}")
+    path = find_table(space, target, resolution, table)
+    source = LatencyTable.load(path)
+    source.require_target(target)
+    source.require_space(space)
+    here, source_cpu = cpu_model(), source.metadata.get("cpu")
+    cached = machine_table_path(source, space, resolution, num_classes, target, directory)
+    base = dict(source=str(path), source_sha256=source.sha256, cpu=here, source_cpu=source_cpu)
+    if cached.is_file() and adapt != "always":
+        copy = LatencyTable.load(cached)
+        record = copy.metadata.get("adaptation", {})
+        if record.get("source_sha256") == source.sha256 and copy.metadata.get("cpu") == here:
+            copy, added = _add_missing(copy, space, target, resolution, num_classes, log)
+            if added:
+                copy.save(cached)
+            log(f"latency table: this machine's copy of {path} at {cached} (delete it to adapt again)")
+            loo = copy.calibration.loo_mape if copy.calibration else None
+            return copy, TableProvenance(**base, path=str(cached), action="reused", reason=record.get("reason", ""),
+                                         relevel_ratio=record.get("relevel_ratio"), on_demand_entries=added,
+                                         loo_mape=loo)
+    reason, check = "", None
+    if adapt == "always":
+        reason = "asked to adapt"
+    elif adapt == "auto" and source_cpu != here:
+        reason = f"built on {source_cpu!r}, this machine is {here!r}"
+    elif adapt == "auto":
+        check = machine_check(source, target)
+        if check is not None and abs(math.log(check)) > math.log1p(ADAPT_BEYOND):
+            reason = f"the machine check reads x{check:.3f} of the table's time (beyond +-{ADAPT_BEYOND:.0%})"
+    transfer = bool(reason)  # the entries are another machine's (or another state of this one's)
+    if not reason and source.resolution != resolution:
+        reason = f"built at {source.resolution} px, this run is at {resolution} px"  # its calibration does not carry
+    if reason:
+        log(f"latency table {path}: {reason}: adapting it here within about {budget_s:.0f} s; this machine's copy "
+            f"goes to {cached}")
+        adapted = adapt_table(source, space, target, resolution=resolution, num_classes=num_classes, budget_s=budget_s,
+                              transfer=transfer, reason=reason, log=log)
+        adapted.save(cached)
+        record = adapted.metadata["adaptation"]
+        log(f"adapted in {record['seconds']:.0f} s: {len(record.get('entries', {}).get('measured', []))} entries and "
+            f"{record['networks']['measured']} networks measured, calibration {adapted.calibration.method} with "
+            f"leave-one-out error {adapted.calibration.loo_mape:.2f}%")
+        return LatencyTable.load(cached), TableProvenance(
+            **base, path=str(cached), action="adapted", reason=reason, machine_check=check,
+            relevel_ratio=record.get("relevel_ratio"), on_demand_entries=len(record["on_demand"]),
+            loo_mape=adapted.calibration.loo_mape)
+    copy, added = _add_missing(source, space, target, resolution, num_classes, log)
+    if added:
+        copy = LatencyTable({**copy.metadata, "adaptation": {"source": str(path), "source_sha256": source.sha256,
+                                                             "reason": "entries added", "machine_check": check}},
+                            copy.entries, copy.calibration, copy.source)
+        copy.save(cached)
+        log(f"latency table {path}: {added} entries measured here, kept in this machine's copy {cached}")
+        return LatencyTable.load(cached), TableProvenance(**base, path=str(cached), action="entries added", reason="",
+                                                          machine_check=check, on_demand_entries=added)
+    return source, TableProvenance(**base, path=str(path), action="as built", reason="", machine_check=check)
+
+
+def _add_missing(table: LatencyTable, space: SearchSpace, target: Target, resolution: int, num_classes: int,
+                 log: Callable[[str], None]) -> tuple[LatencyTable, int]:
+    missing = table.missing(space, resolution, num_classes)
+    if not missing:
+        return table, 0
+    _require_provider(target, missing[0].key, table)
+    log(f"measuring {len(missing)} latency entries {table.source} lacks for {space.name} at {resolution} px with "
+        f"{num_classes} classes (e.g. {missing[0].key})")
+    measured = measure_entries(missing, target, _protocol(table))
+    return table.with_entries({k: {**e, "origin": "on demand"} for k, e in measured.items()}), len(missing)
+
+
+def fastest_reachable_ms(table: LatencyTable, space: SearchSpace, num_classes: int) -> float:
+    """The lowest predicted latency a network of ``space`` (at the table's resolution) reaches, by coordinate
+    descent over the architecture decisions (``nas.objectives.cheapest``): a latency limit below it is impossible."""
+    from nas.objectives import cheapest
+
+    def measure(params: dict[str, Any]) -> dict[str, Any]:
+        return {"latency_ms": table.predict(space.decode(params, table.resolution), num_classes)}
+
+    return cheapest(space, measure, "latency_ms")[1]
