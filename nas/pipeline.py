@@ -147,6 +147,7 @@ def latency_model(setup: Setup, log: Log) -> LatencyModel:
     c = setup.config
     table, provenance = table_for_machine(setup.space, setup.target, resolution=c.resolution,
                                           num_classes=setup.data.num_classes, table=c.table, log=log)
+    log(f"latency table: {provenance.summary}")
     return LatencyModel(table, provenance.to_dict(), setup.data.num_classes)
 
 

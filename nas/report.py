@@ -17,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 
 from nas.trial import COMPLETE, PRUNED, Trial  # noqa: E402
 
@@ -129,6 +130,8 @@ def plot_pareto(path: Path, trials: list[Trial], front: list[Point], baselines: 
     final_ax.legend(fontsize=7, loc="lower right")
     for ax in (search_ax, final_ax):
         ax.grid(alpha=0.3, which="both")
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())  # log axes label every minor tick otherwise
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
