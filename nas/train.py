@@ -378,8 +378,9 @@ class TrainRecord:
     recipe: dict[str, Any]
     val_accuracy: float | None
     test_accuracy: float | None
-    seconds: float
+    seconds: float  # wall time
     error: str | None = None
+    cpu_seconds: float | None = None  # CPU time of the training process, all its threads
 
     @property
     def key(self) -> tuple:
@@ -408,10 +409,12 @@ def _train_record(arch: str, seed: int, data: str, fidelity: dict, recipe: dict,
         _WORKER_DATA[data] = load_dataset(data, seed=0)
     dataset = _WORKER_DATA[data]
     fid = Fidelity.from_dict(fidelity)
+    cpu_start = time.process_time()
     result = train_candidate(Arch.parse(arch), None, fid, dataset, seed=seed, recipe=Recipe.from_dict(recipe),
                              threads=threads, return_model=True)
     test = None if result.failed else validate(result.model, dataset, fid.resolution, split="test")[0]
-    return TrainRecord(arch, seed, data, fidelity, recipe, result.accuracy, test, round(result.seconds, 2), result.error)
+    return TrainRecord(arch, seed, data, fidelity, recipe, result.accuracy, test, round(result.seconds, 2), result.error,
+                       round(time.process_time() - cpu_start, 2))
 
 
 def train_records(
@@ -419,13 +422,14 @@ def train_records(
     seeds: list[int],
     fidelity: Fidelity,
     data: str,
-    recipe: Recipe,
+    recipe: Recipe | list[Recipe],
     *,
     workers: int = 1,
     journal: "os.PathLike | None" = None,
     log: Callable[[str], None] = print,
 ) -> list[TrainRecord]:
-    """Train every arch with every seed; records in (arch, seed) order.
+    """Train every arch with every seed; records in (arch, seed) order. ``recipe``: one for all, or one
+    per arch (e.g. each with its own search-proposed hyperparameters).
 
     ``workers`` processes train at ``default_threads() // workers`` threads each (small networks at
     32 px use two single-thread workers better than one two-thread one). With ``journal`` (a JSONL
@@ -437,8 +441,11 @@ def train_records(
     import multiprocessing
     from pathlib import Path
 
-    fid, rec = fidelity.to_dict(), recipe.to_dict()
-    wanted = [(a.to_string(), s) for a in archs for s in seeds]
+    fid = fidelity.to_dict()
+    recipes = [r.to_dict() for r in recipe] if isinstance(recipe, list) else [recipe.to_dict()] * len(archs)
+    if len(recipes) != len(archs):
+        raise ValueError(f"{len(recipes)} recipes for {len(archs)} architectures")
+    wanted = [(a.to_string(), s, rec) for a, rec in zip(archs, recipes) for s in seeds]
     done: dict[tuple, TrainRecord] = {}
     path = Path(journal) if journal is not None else None
     if path is not None and path.exists():
@@ -448,14 +455,14 @@ def train_records(
             except (ValueError, TypeError) as exc:
                 raise NasError(f"{path}:{number}: not a training record ({exc}); delete the file to start afresh") from None
             done[record.key] = record
-    todo = [(a, s) for a, s in wanted if _record_key(a, s, data, fid, rec) not in done]
+    todo = [(a, s, rec) for a, s, rec in wanted if _record_key(a, s, data, fid, rec) not in done]
     log(f"{len(wanted) - len(todo)} of {len(wanted)} trainings already journalled; {len(todo)} to go "
         f"on {workers} worker(s)")
     threads = max(1, default_threads() // workers)
     start = time.perf_counter()
     context = multiprocessing.get_context("spawn")  # torch's threads start clean in each worker
     with futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        pending = [pool.submit(_train_record, a, s, data, fid, rec, threads) for a, s in todo]
+        pending = [pool.submit(_train_record, a, s, data, fid, rec, threads) for a, s, rec in todo]
         for number, future in enumerate(futures.as_completed(pending), 1):
             record = future.result()
             done[record.key] = record
@@ -467,7 +474,7 @@ def train_records(
             accuracy = "failed: " + str(record.error) if record.error else f"val {record.val_accuracy:.4f} test {record.test_accuracy:.4f}"
             log(f"[{number}/{len(todo)}] seed {record.seed} {accuracy} in {record.seconds:.0f}s "
                 f"(ETA {eta / 60:.1f} min): {record.arch}")
-    return [done[_record_key(a, s, data, fid, rec)] for a, s in wanted]
+    return [done[_record_key(a, s, data, fid, rec)] for a, s, rec in wanted]
 
 
 def seed_agreement(accuracies: np.ndarray, drop: float = 0.15) -> dict[str, Any]:
