@@ -166,10 +166,12 @@ def collect(space: SearchSpace, path: str | Path, n: int, *, fidelity: Fidelity 
 class Featurizer:
     """Fixed-length numeric features of a point of ``space`` (see the module notes)."""
 
-    def __init__(self, space: SearchSpace, resolution: int = COLLECT_FIDELITY.resolution):
+    def __init__(self, space: SearchSpace, resolution: int = COLLECT_FIDELITY.resolution, *,
+                 summaries: bool = True, hyperparameters: bool = True):
         self.space = space
         self.resolution = resolution
-        self.decisions = space.decisions
+        self.summaries = summaries
+        self.decisions = tuple(d for d in space.decisions if hyperparameters or not d.is_hyperparameter)
         names: list[str] = []
         for d in self.decisions:
             if d.kind == "categorical" and any(isinstance(c, str) for c in d.choices):
@@ -177,8 +179,9 @@ class Featurizer:
             else:
                 names.append(f"log10({d.name})" if d.kind == "log_float" else d.name)
         self.ops = sorted({op for stage in space.stages for op in stage.choices["op"]})
-        names += ["log10(flops)", "log10(params)", "depth", "mean_kernel", "mean_expansion", "se_layers",
-                  "skip_layers", *(f"op_{op}" for op in self.ops)]
+        if summaries:
+            names += ["log10(flops)", "log10(params)", "depth", "mean_kernel", "mean_expansion", "se_layers",
+                      "skip_layers", *(f"op_{op}" for op in self.ops)]
         self.names = tuple(names)
 
     def _relevant(self, params: dict[str, Any], name: str) -> bool:
@@ -209,6 +212,8 @@ class Featurizer:
                 row.append(math.log10(value))
             else:
                 row.append(float(value))
+        if not self.summaries:
+            return row
         arch = self.space.decode(params, resolution=self.resolution)
         cost = arch_cost(arch, NUM_CLASSES)
         body = [layer for layer in arch.layers if layer.op in ("conv", "ds", "ir", "bot")]
@@ -219,7 +224,28 @@ class Featurizer:
         return row
 
     def matrix(self, points: Iterable[dict[str, Any]]) -> np.ndarray:
-        return np.array([self.features(p) for p in points], dtype=float)
+        if self.summaries:
+            return np.array([self.features(p) for p in points], dtype=float)
+        return self._decision_matrix(list(points))
+
+    def _decision_matrix(self, points: list[dict[str, Any]]) -> np.ndarray:
+        """``features`` of many points at once, column by column (decisions only): 10^5 points/s."""
+        columns = []
+        for d in self.decisions:
+            values = [p[d.name] for p in points]
+            relevant = np.array([self._relevant(p, d.name) for p in points], dtype=bool) if self._conditional(d.name) \
+                else np.ones(len(points), dtype=bool)
+            if d.kind == "categorical" and any(isinstance(c, str) for c in d.choices):
+                columns += [relevant & np.array([v == c for v in values], dtype=bool) for c in d.choices]
+            else:
+                numbers = np.log10(values) if d.kind == "log_float" else np.asarray(values, dtype=float)
+                columns.append(np.where(relevant, numbers, 0.0))
+        return np.stack(columns, axis=1).astype(float) if columns else np.zeros((len(points), 0))
+
+    @staticmethod
+    def _conditional(name: str) -> bool:
+        parts = name.split(".")
+        return parts[-1] == "expansion" or (len(parts) == 3 and parts[1].startswith("l"))
 
 
 def targets(runs: Sequence[AccuracyRun]) -> np.ndarray:
@@ -295,6 +321,62 @@ class AccuracyPredictor:
             "baseline_spearman_log_lr": float(spearmanr(lr, self._y).statistic) if lr is not None else None,
             "accuracy_range": [float(self._y.min()), float(self._y.max())], "accuracy_mean": float(self._y.mean()),
         }
+
+
+# --- a predictor of supernet accuracy -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HoldoutScore:
+    """Rank agreement of a predictor with the accuracies it was not fitted on."""
+
+    n_fit: int
+    n_holdout: int
+    kendall: float
+    spearman: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class SupernetPredictor:
+    """Accuracy of a point of ``space`` as the supernet would score it, from the decisions alone.
+
+    Gradient boosting on ``Featurizer(summaries=False)`` features (no decoding, no cost model), so it
+    scores well over 10,000 architectures per second. ``holdout`` is its rank agreement on a share of
+    the evaluations kept out of the fit; the final model is then refitted on all of them.
+    """
+
+    def __init__(self, space: SearchSpace, params_list: Sequence[dict[str, Any]], accuracies: Sequence[float],
+                 seed: int = 0, holdout_share: float = 0.2):
+        from scipy.stats import kendalltau, spearmanr
+
+        if len(params_list) != len(accuracies) or len(params_list) < 10:
+            raise NasError(f"an accuracy predictor needs at least 10 evaluated points with one accuracy each, got "
+                           f"{len(params_list)} points and {len(accuracies)} accuracies")
+        self.space = space
+        self.featurizer = Featurizer(space, summaries=False, hyperparameters=False)
+        x = self.featurizer.matrix(params_list)
+        y = np.asarray(accuracies, dtype=float)
+        order = np.random.default_rng(seed).permutation(len(y))
+        cut = max(1, round(holdout_share * len(y)))
+        held, fit = order[:cut], order[cut:]
+        predicted = _model(seed).fit(x[fit], y[fit]).predict(x[held])
+        self.holdout = HoldoutScore(len(fit), len(held), float(kendalltau(predicted, y[held]).statistic),
+                                    float(spearmanr(predicted, y[held]).statistic))
+        self.model = _model(seed).fit(x, y)
+
+    def predict_many(self, params_list: Sequence[dict[str, Any]]) -> np.ndarray:
+        return np.clip(self.model.predict(self.featurizer.matrix(params_list)), 0.0, 1.0)
+
+    def predict(self, params: dict[str, Any]) -> float:
+        return float(self.predict_many([params])[0])
+
+
+def fit_predictor(space: SearchSpace, params_list: Sequence[dict[str, Any]], accuracies: Sequence[float],
+                  seed: int = 0) -> SupernetPredictor:
+    """A ``SupernetPredictor`` fitted on (point, supernet accuracy) pairs; ``.holdout`` has its Kendall tau."""
+    return SupernetPredictor(space, params_list, accuracies, seed)
 
 
 # --- the strategy benchmark's objective and loop ---------------------------------------------------

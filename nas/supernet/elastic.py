@@ -26,7 +26,9 @@ from torch import nn
 
 from nas.blocks import BlockSpec
 
-_ACTIVATIONS = {"relu": F.relu, "relu6": F.relu6, "hardswish": F.hardswish}
+# relu and relu6 in place: they follow a BatchNorm, whose backward does not need its output, and their
+# own backward needs only their result (hardswish's needs its input)
+_ACTIVATIONS = {"relu": F.relu_, "relu6": lambda x: F.hardtanh_(x, 0.0, 6.0), "hardswish": F.hardswish}
 
 
 @dataclass
@@ -157,8 +159,43 @@ class Bounds:
     projection: bool = False  # a bottleneck position that may need a projection shortcut
 
 
+def _reorder(optimizer: torch.optim.Optimizer | None, importance: torch.Tensor,
+             targets: list[tuple[torch.Tensor, int]]) -> None:
+    """Put the channels of one channel space in order of decreasing ``importance``: each target tensor
+    (a parameter or buffer) along its dim, and the optimizer's state of each parameter alike."""
+    order = torch.argsort(importance, descending=True, stable=True)
+    with torch.no_grad():
+        for tensor, dim in targets:
+            tensor.copy_(tensor.index_select(dim, order))
+            state = optimizer.state.get(tensor, {}) if optimizer is not None else {}
+            for value in state.values():
+                if isinstance(value, torch.Tensor) and value.shape == tensor.shape:
+                    value.copy_(value.index_select(dim, order))
+
+
+def _channel_targets(conv_bn: "ElasticConvBN", dim: int = 0) -> list[tuple[torch.Tensor, int]]:
+    """The output channels of a conv-BN pair (``dim`` 0) or the input channels of its conv (``dim`` 1)."""
+    if dim == 1:
+        return [(conv_bn.conv.weight, 1)]
+    bn = conv_bn.bn
+    return [(conv_bn.conv.weight, 0), (bn.weight, 0), (bn.bias, 0), (bn.running_mean, 0), (bn.running_var, 0)]
+
+
+def _importance(conv_bn: "ElasticConvBN") -> torch.Tensor:
+    """L1 norm of the weights that read each input channel of a conv (Once-for-All's criterion)."""
+    return conv_bn.conv.weight.detach().abs().sum(dim=(0, 2, 3))
+
+
 class ElasticBlock(nn.Module):
     """Shared pieces: the optional squeeze-excite and the residual."""
+
+    def sort_channels(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Re-sort the block's inner channels by importance (no-op where it has none)."""
+
+    def _se_targets(self) -> list[tuple[torch.Tensor, int]]:
+        if self.se is None:
+            return []
+        return [(self.se.fc1.weight, 1), (self.se.fc2.weight, 0), (self.se.fc2.bias, 0)]
 
     def _se(self, bounds: Bounds, channels: int) -> None:
         self.se = ElasticSqueezeExcite(channels, bounds.se_ch) if bounds.se_ch else None
@@ -215,6 +252,10 @@ class ElasticInvertedResidual(ElasticBlock):
         self._se(bounds, bounds.mid_ch)
         self.project = ElasticConvBN(bounds.mid_ch, bounds.out_ch, (1,), 1)
 
+    def sort_channels(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        _reorder(optimizer, _importance(self.project), _channel_targets(self.expand) + _channel_targets(self.depthwise)
+                 + self._se_targets() + _channel_targets(self.project, 1))
+
     def forward(self, x: torch.Tensor, spec: BlockSpec, ctx: Pass) -> torch.Tensor:
         y = self.expand(x, spec.mid_ch, 1, spec.act, ctx) if spec.mid_ch != spec.in_ch else x
         y = self._apply_se(self.depthwise(y, spec.mid_ch, spec.kernel, spec.act, ctx), spec)
@@ -238,6 +279,12 @@ class ElasticBottleneck(ElasticBlock):
         self.expand = ElasticConvBN(bounds.mid_ch, bounds.out_ch, (1,), 1)
         self.shortcut = ElasticConvBN(bounds.in_ch, bounds.out_ch, (1,), bounds.stride) if bounds.projection else None
 
+    def sort_channels(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        # two inner channel spaces: after the spatial conv (read by expand), after reduce (read by spatial)
+        _reorder(optimizer, _importance(self.expand), _channel_targets(self.spatial) + self._se_targets()
+                 + _channel_targets(self.expand, 1))
+        _reorder(optimizer, _importance(self.spatial), _channel_targets(self.reduce) + _channel_targets(self.spatial, 1))
+
     def forward(self, x: torch.Tensor, spec: BlockSpec, ctx: Pass) -> torch.Tensor:
         y = self.spatial(self.reduce(x, spec.mid_ch, 1, spec.act, ctx), spec.mid_ch, spec.kernel, spec.act, ctx)
         y = self.expand(self._apply_se(y, spec), spec.out_ch, 1, None, ctx)
@@ -252,7 +299,7 @@ class ElasticBottleneck(ElasticBlock):
         return out
 
 
-class ElasticMaxPool(nn.Module):
+class ElasticMaxPool(ElasticBlock):
     def forward(self, x: torch.Tensor, spec: BlockSpec, ctx: Pass) -> torch.Tensor:
         return F.max_pool2d(x, spec.kernel, spec.stride, spec.kernel // 2)
 

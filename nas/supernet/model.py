@@ -207,6 +207,12 @@ class Supernet(nn.Module):
         for slot, spec in plan.steps:
             yield self.slots[slot][spec.op], spec
 
+    def sort_channels(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Re-sort every block's expanded channels by importance (between training phases)."""
+        for blocks in self.slots.values():
+            for block in blocks.values():
+                block.sort_channels(optimizer)
+
     def forward(self, x: torch.Tensor, plan: SubnetPlan, ctx: Pass = TRAIN_PASS) -> torch.Tensor:
         for block, spec in self.blocks(plan):
             x = block(x, spec, ctx)

@@ -1,0 +1,72 @@
+"""Scoring subnets: validation accuracy with BatchNorm statistics recalibrated for each subnet.
+
+A subnet's BatchNorm statistics are those of ``calibration_images`` training images (the first of
+the stratified training order, no augmentation), as single-path NAS and Once-for-All recalibrate
+before evaluating. Calibration and evaluation run as one forward pass over the calibration images
+followed by the evaluation split: every BatchNorm normalises the whole batch with the statistics of
+its calibration part, which is exactly "recalibrate, then evaluate" in a single pass. Both image
+tensors are built once per evaluator; results are memoised per architecture.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from nas.arch import Arch
+from nas.builder import Network
+from nas.errors import NasError
+from nas.supernet.elastic import Pass
+from nas.supernet.extract import extract
+from nas.supernet.model import Supernet
+
+CALIBRATION_IMAGES = 256
+
+
+class SupernetEvaluator:
+    """``accuracy(arch)``: top-1 accuracy on ``split`` of ``arch`` with weights inherited from ``supernet``.
+
+    Deterministic: no random draws; ``seed`` picks which training images calibrate BatchNorm (seed 0:
+    the first ``calibration_images`` of the training order).
+    """
+
+    def __init__(self, supernet: Supernet, dataset, resolution: int, *, seed: int = 0, split: str = "val",
+                 calibration_images: int = CALIBRATION_IMAGES):
+        if split not in ("val", "test") or getattr(dataset, split, None) is None:
+            raise NasError(f"split should be 'val' or 'test' (one the dataset has) instead of {split!r}")
+        if supernet.num_classes != dataset.num_classes:
+            raise NasError(f"the supernet has {supernet.num_classes} classes, dataset {dataset.name} "
+                           f"{dataset.num_classes}; load the supernet trained on this data")
+        self.supernet, self.resolution = supernet, resolution
+        n = min(calibration_images, len(dataset.train))
+        order = torch.arange(n) if seed == 0 else torch.randperm(len(dataset.train), generator=torch.Generator().manual_seed(seed))[:n]
+        calibration, _ = dataset.train.get(order, resolution)
+        evaluation = getattr(dataset, split)
+        images, self._labels = evaluation.get(torch.arange(len(evaluation)), resolution)
+        self._batch = torch.cat([calibration, images]).contiguous(memory_format=torch.channels_last)
+        self._n = n
+        self._cache: dict[str, float] = {}
+
+    def _logits(self, arch: Arch, stats: dict | None = None) -> torch.Tensor:
+        plan = self.supernet.plan(arch.with_resolution(self.resolution))
+        return self.supernet(self._batch, plan, Pass(calibrate=self._n, stats=stats))[self._n:]
+
+    def accuracy(self, arch: Arch) -> float:
+        """Top-1 accuracy in [0, 1] (memoised by the architecture's string at this resolution)."""
+        key = arch.with_resolution(self.resolution).to_string()
+        if key not in self._cache:
+            with torch.inference_mode():
+                correct = (self._logits(arch).argmax(1) == self._labels).sum().item()
+            self._cache[key] = correct / len(self._labels)
+        return self._cache[key]
+
+    def accuracy_many(self, archs: Sequence[Arch]) -> list[float]:
+        return [self.accuracy(arch) for arch in archs]
+
+    def extract(self, arch: Arch, dropout: float = 0.2) -> Network:
+        """The subnet as the builder's network, BatchNorm recalibrated as ``accuracy`` does it."""
+        stats: dict = {}
+        with torch.no_grad():
+            self._logits(arch, stats)
+        return extract(self.supernet, arch.with_resolution(self.resolution), stats=stats, dropout=dropout)
