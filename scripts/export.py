@@ -2,6 +2,7 @@
 
     python scripts/export.py runs/<name> --out model.onnx              # the run's trained winner
     python scripts/export.py ARCH --out model.onnx [--epochs N] [--data SPEC] [--resolution R]
+    python scripts/export.py ARCH --init-from SUPERNET_DIR --out model.onnx   # weights inherited, no training
 
 ARCH is a reference name, a canonical architecture string or a JSON file (a run's best.json: its
 weights.pt beside it is used when present). Prints one JSON object: parity, accuracy, path.
@@ -27,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resolution", type=int, help="input resolution (default: the architecture's)")
     parser.add_argument("--seed", type=int, help="data split and training seed (default: the run's, else 0)")
     parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument("--init-from", type=Path, metavar="SUPERNET_DIR", help="take ARCH's weights from this "
+                        "supernet (scripts/train_supernet.py), BatchNorm recalibrated, instead of training")
     args = parser.parse_args(argv)
     source = Path(args.arch)
     if source.is_dir():
@@ -53,8 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     from nas.fidelity import Fidelity
     from nas.train import evaluate, train_candidate
 
-    data = load_dataset(data_spec, seed=seed)
-    if weights is not None and weights.is_file() and not args.resolution:
+    if args.init_from:
+        from nas.supernet.evaluate import inherited_subnet
+
+        model, data, meta = inherited_subnet(args.init_from, arch)
+        arch = arch.with_resolution(meta.resolution)
+        print(f"using weights inherited from the supernet in {args.init_from}", file=sys.stderr)
+    elif weights is not None and weights.is_file() and not args.resolution:
+        data = load_dataset(data_spec, seed=seed)
         model = build_model(arch, data.num_classes).eval()
         try:
             model.load_state_dict(torch.load(weights, weights_only=True))
@@ -64,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                            "pass the run's --data, or an architecture string to train afresh") from None
         print(f"using trained weights from {weights}", file=sys.stderr)
     else:
+        data = load_dataset(data_spec, seed=seed)
         print(f"training for {args.epochs} epochs on {data_spec} at {arch.resolution}px", file=sys.stderr)
         result = train_candidate(arch, hparams or None, Fidelity(args.epochs, 1.0, arch.resolution), data,
                                  seed=seed, return_model=True)

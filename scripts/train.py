@@ -1,10 +1,12 @@
 """Train one architecture at a proxy fidelity and report its validation accuracy.
 
     python scripts/train.py mobilenet_v2 --data digits --epochs 8 --json result.json
+    python scripts/train.py ARCH --init-from runs/supernet-mnasnet-digits-r32 --epochs 2   # fine-tune a subnet
 
 ARCH is a reference name (mobilenet_v2, mnasnet1_0, mobilenet_v3_large, resnet50), a canonical
 architecture string, or a JSON file (an architecture's to_json form, or an object with an "arch"
-string such as a search's best.json). Defaults are the search's proxy budget; exit status 1 when
+string such as a search's best.json). With --init-from, ARCH (a subnet of that supernet's space) starts
+from the weights it inherits, and data and resolution default to the supernet's. Defaults are the search's proxy budget; exit status 1 when
 the candidate itself fails (e.g. a diverging loss), 2 on bad input.
 """
 
@@ -45,8 +47,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=H["batch_size"], help=f"default {H['batch_size']}")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: all cores)")
     p.add_argument("--json", type=Path, help="write the result as JSON to this file")
+    p.add_argument("--init-from", type=Path, metavar="SUPERNET_DIR", help="start from the weights this subnet "
+                   "inherits from a supernet trained by scripts/train_supernet.py")
     args = p.parse_args(argv)
 
+    init = None
+    if args.init_from:
+        from nas.supernet.evaluate import inherited_subnet
+
+        init, _, meta = inherited_subnet(args.init_from, parse_arch_argument(args.arch))
+        args.data, args.resolution = meta.data, meta.resolution
+        print(f"starting from the weights inherited from the supernet in {args.init_from}", flush=True)
     arch = parse_arch_argument(args.arch).with_resolution(args.resolution)
     fidelity = Fidelity(args.epochs, args.fraction, args.resolution)
     hparams = resolve_hparams({"optimizer": args.optimizer, "lr": args.lr, "batch_size": args.batch_size})
@@ -59,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{fidelity.epochs} epochs x {fidelity.fraction:g} of the data at {fidelity.resolution}px, "
           f"{hparams['optimizer']} lr {hparams['lr']:g} batch {hparams['batch_size']}", flush=True)
     with training_lock():  # no nas latency measurement runs meanwhile (it would measure our load)
-        result = train_candidate(arch, hparams, fidelity, data, seed=args.seed, threads=args.threads,
+        result = train_candidate(arch, hparams, fidelity, data, seed=args.seed, threads=args.threads, init=init,
                                  on_epoch=print_epoch(fidelity.epochs))
     if args.json:
         record = {"arch": arch.to_string(), "data": data.name, "fidelity": fidelity.to_dict(), "hparams": hparams,

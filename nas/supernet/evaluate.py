@@ -70,3 +70,26 @@ class SupernetEvaluator:
         with torch.no_grad():
             self._logits(arch, stats)
         return extract(self.supernet, arch.with_resolution(self.resolution), stats=stats, dropout=dropout)
+
+
+def inherited_subnet(folder, arch: Arch):
+    """(network, dataset, metadata): ``arch`` with the weights of the supernet trained in ``folder``, its
+    BatchNorm recalibrated on that supernet's training data at its resolution, in eval mode.
+
+    The space, data and resolution come from the folder's metadata; ``arch`` is taken at that resolution.
+    """
+    from pathlib import Path
+
+    from nas.data import load_dataset
+    from nas.space import load_space
+    from nas.supernet.checkpoint import META, TRAIN_HINT, load_supernet, read_meta
+
+    folder = Path(folder)
+    meta = read_meta(folder)
+    if meta is None:
+        raise NasError(f"{folder}: no supernet here (no {META}); {TRAIN_HINT}")
+    space = load_space(meta.space_file)
+    supernet = load_supernet(folder, space, meta.data, meta.resolution)
+    data = load_dataset(meta.data)
+    model = SupernetEvaluator(supernet, data, meta.resolution).extract(arch.with_resolution(meta.resolution))
+    return model.eval(), data, meta
