@@ -353,11 +353,12 @@ class Search:
         return TrainJob(number, rung, static["arch"], hparams, fidelity, s.data, s.seed, threads_per_worker(s.workers))
 
     def _score(self, train: dict[str, Any], static: dict[str, Any], fidelity: Fidelity) -> dict[str, Any]:
+        source = train.get("source", "scratch")
+        trained = {"epochs": fidelity.epochs, "fraction": fidelity.fraction, "val_accuracies": train["val_accuracies"],
+                   "train_seconds": train["seconds"]} if source == "scratch" else {}
         metrics = {**{k: v for k, v in static.items() if k != "arch"}, "accuracy": train["accuracy"],
-                   "epochs": fidelity.epochs, "fraction": fidelity.fraction, "resolution": fidelity.resolution,
-                   "val_accuracies": train["val_accuracies"], "train_seconds": train["seconds"],
-                   "seconds": train["seconds"], "accuracy_source": train.get("source", "scratch")}
-        error = f"training: {train['error']}" if train["error"] else None
+                   "resolution": fidelity.resolution, **trained, "seconds": train["seconds"], "accuracy_source": source}
+        error = f"{'training' if source == 'scratch' else source}: {train['error']}" if train["error"] else None
         values = None if error else list(self.settings.objective.values(metrics))
         if values is not None and any(math.isnan(v) for v in values):
             values, error = None, "training: accuracy is not a number"
