@@ -9,6 +9,7 @@ the run's (its seed); only the training seed varies.
 from __future__ import annotations
 
 import hashlib
+import random
 import statistics
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from nas.arch import Arch
 from nas.executor import TrainJob, make_executor, threads_per_worker
 from nas.fidelity import Fidelity
 from nas.journal import append_jsonl, read_jsonl
+from nas.space import SearchSpace
 
 
 @dataclass(frozen=True)
@@ -68,11 +70,47 @@ def weights_path(run_dir: Path, arch: Arch, seed: int) -> Path:
     return run_dir / "weights" / f"{digest}-seed{seed}.pt"
 
 
+def _run(jobs: list[TrainJob], on_result, workers: int, executor: str, ray_address: str | None) -> None:
+    if jobs:
+        pool = make_executor(executor, workers, threads_per_worker(workers), ray_address)
+        try:
+            pool.run(jobs, on_result)
+        finally:
+            pool.close()
+
+
+def tune_hyperparameters(arch: Arch, space: SearchSpace, budget: int, *, run_dir: Path, data: str, split_seed: int,
+                         fidelity: Fidelity, workers: int, executor: str = "local", ray_address: str | None = None,
+                         log: Callable[[str], None] = print) -> dict[str, Any]:
+    """A baseline's share of a joint hyperparameter search (``--search-hparams``): ``budget`` settings
+    drawn from the space's hyperparameters, each trained at the search's top rung; the best on the
+    validation split is returned. Journaled in ``hparams.jsonl`` like the final trainings."""
+    text = arch.to_string()
+    rng = random.Random(f"{split_seed}:{text}")
+    settings = [{d.name[3:]: d.sample(rng) for d in space.hyperparameters} for _ in range(budget)]
+    journal = run_dir / "hparams.jsonl"
+    scores = {r["index"]: r["val_accuracy"] for r in read_jsonl(journal) if r["arch"] == text}
+    jobs = [TrainJob(i, 0, text, hp, fidelity, data, split_seed, threads_per_worker(workers))
+            for i, hp in enumerate(settings) if i not in scores]
+    if jobs:
+        log(f"hyperparameter search for {text[:60]}...: {len(jobs)} of {budget} settings to train")
+
+    def on_result(job: TrainJob, result: dict[str, Any]) -> None:
+        append_jsonl(journal, {"arch": text, "index": job.number, "hparams": job.hparams,
+                               "val_accuracy": result["accuracy"]})
+        scores[job.number] = result["accuracy"]
+
+    _run(jobs, on_result, workers, executor, ray_address)
+    best = max(range(budget), key=lambda i: -1.0 if scores[i] is None else scores[i])
+    return settings[best]
+
+
 def train_finals(archs: Sequence[Arch], *, run_dir: Path, data: str, split_seed: int, fidelity: Fidelity,
-                 seeds: int, workers: int, executor: str = "local", ray_address: str | None = None,
-                 log: Callable[[str], None] = print) -> dict[str, FinalScore]:
+                 seeds: int, workers: int, hparams: dict[str, dict[str, Any]] | None = None, executor: str = "local",
+                 ray_address: str | None = None, log: Callable[[str], None] = print) -> dict[str, FinalScore]:
     """Train every architecture under seeds 0..seeds-1 (those not already in ``finals.jsonl``), keep
-    each seed-0 model's weights for export, and return the scores keyed by architecture string."""
+    each seed-0 model's weights for export, and return the scores keyed by architecture string.
+    ``hparams`` (by architecture string) replace the fixed recipe's optimizer, lr and batch size."""
     journal = run_dir / "finals.jsonl"
     done = {(r.arch, r.seed): r for r in map(SeedRun.from_dict, read_jsonl(journal))}
     (run_dir / "weights").mkdir(exist_ok=True)
@@ -82,7 +120,8 @@ def train_finals(archs: Sequence[Arch], *, run_dir: Path, data: str, split_seed:
         for seed in range(seeds):
             if (text, seed) in done and (seed or weights_path(run_dir, arch, seed).exists()):
                 continue
-            jobs.append(TrainJob(number, 0, text, {}, fidelity, data, seed, threads_per_worker(workers),
+            jobs.append(TrainJob(number, 0, text, (hparams or {}).get(text, {}), fidelity, data, seed,
+                                 threads_per_worker(workers),
                                  split_seed=split_seed, test=True,
                                  weights_path=str(weights_path(run_dir, arch, seed)) if seed == 0 else None))
     if jobs:
@@ -105,11 +144,6 @@ def train_finals(archs: Sequence[Arch], *, run_dir: Path, data: str, split_seed:
         log(f"[final {finished}/{len(jobs)}] network {job.number} seed {job.seed}: {outcome} in {run.seconds:.1f}s"
             f" | elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min")
 
-    if jobs:
-        pool = make_executor(executor, workers, threads_per_worker(workers), ray_address)
-        try:
-            pool.run(jobs, on_result)
-        finally:
-            pool.close()
+    _run(jobs, on_result, workers, executor, ray_address)
     return {a.to_string(): FinalScore(tuple(done[(a.to_string(), s)] for s in range(seeds))) for a in archs}
 

@@ -76,6 +76,7 @@ class Candidate:
     search_accuracy: float | None = None
     accuracy_source: str | None = None
     predicted_latency_ms: float | None = None
+    hparams: dict[str, Any] = dataclasses.field(default_factory=dict)  # searched ones (--search-hparams)
 
 
 @dataclass(frozen=True)
@@ -223,17 +224,40 @@ def final_fidelity(setup: Setup) -> Fidelity:
     return Fidelity(c.final_epochs or default_recipe(c.data).epochs, 1.0, c.resolution)
 
 
-def select_front(trials: list[Trial], size: int) -> list[Candidate]:
-    """Top-rung trials that are Pareto-optimal in (search accuracy, predicted latency): at most ``size``,
-    the extremes and an even spread between them."""
+def select_front(setup: Setup, trials: list[Trial]) -> list[Candidate]:
+    """Top-rung trials that are Pareto-optimal in (search accuracy, predicted latency): at most the
+    configured front size, the extremes and an even spread between them."""
+    size = setup.config.front_size
     complete = [t for t in trials if t.state == COMPLETE and t.metrics.get("accuracy") is not None]
     points = [(t.metrics["accuracy"], -t.metrics["predicted_latency_ms"]) for t in complete]
     chosen = sorted((complete[i] for i in pareto_front(points)), key=lambda t: t.metrics["predicted_latency_ms"])
     if len(chosen) > size:
         picks = np.linspace(0, len(chosen) - 1, size).round().astype(int)
         chosen = [chosen[i] for i in sorted(set(picks))]
+    searched = setup.config.search_hparams
     return [Candidate(f"trial {t.number}", Arch.parse(t.arch), t.metrics["accuracy"],
-                      t.metrics.get("accuracy_source", "scratch"), t.metrics["predicted_latency_ms"]) for t in chosen]
+                      t.metrics.get("accuracy_source", "scratch"), t.metrics["predicted_latency_ms"],
+                      setup.space.hyperparameters_of(t.params) if searched else {}) for t in chosen]
+
+
+def training_hyperparameters(setup: Setup, trials: list[Trial], front: list[Measured], base: list[Measured],
+                             log: Log) -> dict[str, dict[str, Any]]:
+    """Per architecture, what replaces the fixed recipe's optimizer, lr and batch size: nothing unless
+    hyperparameters were searched. Then each front point keeps its own, and each baseline gets its share
+    of the search's top-rung trainings as a hyperparameter search of its own: the same budget."""
+    c = setup.config
+    if not c.search_hparams:
+        return {}
+    from nas.finals import tune_hyperparameters
+
+    chosen = {m.candidate.arch.to_string(): m.candidate.hparams for m in front}
+    budget = max(1, round(sum(t.state == COMPLETE for t in trials) / max(1, len(front))))
+    for m in base:
+        chosen[m.candidate.arch.to_string()] = tune_hyperparameters(
+            m.candidate.arch, setup.space, budget, run_dir=setup.run_dir, data=c.data, split_seed=c.seed,
+            fidelity=scratch_fidelity(setup), workers=c.workers, executor=c.executor, ray_address=c.ray_address,
+            log=log)
+    return chosen
 
 
 def baselines(setup: Setup) -> list[Candidate]:
@@ -332,7 +356,7 @@ def run_main_job(config: SearchConfig, out: str | Path | None = None, log: Log |
     goal, limits = objective(setup, latency)
     evaluator = accuracy_evaluator(setup, log)
     trials = search(setup, latency, goal, limits, evaluator, log)
-    front = select_front(trials, c.front_size)
+    front = select_front(setup, trials)
     if not front:
         raise NasError(f"{setup.run_dir}: no candidate finished its evaluation; raise --trials")
     measured = measure(setup, front + baselines(setup), log)
@@ -340,9 +364,10 @@ def run_main_job(config: SearchConfig, out: str | Path | None = None, log: Log |
     train_front = decisive(measured_front, measured_base)
     from nas.finals import train_finals
 
+    hparams = training_hyperparameters(setup, trials, train_front, measured_base, log)
     to_train = [m.candidate.arch for m in train_front + measured_base]
     scores = train_finals(to_train, run_dir=setup.run_dir, data=c.data, split_seed=c.seed,
-                          fidelity=final_fidelity(setup), seeds=c.final_seeds, workers=c.workers,
+                          fidelity=final_fidelity(setup), seeds=c.final_seeds, workers=c.workers, hparams=hparams,
                           executor=c.executor, ray_address=c.ray_address, log=log)
     points = [to_point(m, scores[m.candidate.arch.to_string()], setup.data.num_classes) for m in train_front]
     base_points = [to_point(m, scores[m.candidate.arch.to_string()], setup.data.num_classes) for m in measured_base]
