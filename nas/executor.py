@@ -16,7 +16,7 @@ import multiprocessing
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 from nas.errors import NasError
 from nas.fidelity import Fidelity
@@ -37,6 +37,7 @@ class TrainJob:
     split_seed: int | None = None  # the data split's seed; None: ``seed`` (a search trains with the run's seed)
     test: bool = False  # also score the trained model on the test split (final trainings only)
     weights_path: str | None = None  # where to save the trained state_dict
+    params: dict[str, Any] | None = None  # the point of the space (for evaluators that score decisions)
 
 
 _DATASETS: dict[tuple[str, int], Any] = {}
@@ -131,9 +132,9 @@ class RayExecutor:
 
 class EvaluatorExecutor:
     """Accuracy without training (a supernet's inherited weights, or a predictor): the jobs of a call
-    are scored together by ``accuracy_many``, which batches what it can, in this process."""
+    are scored together by ``accuracy_many(archs, points)``, which batches what it can, in this process."""
 
-    def __init__(self, accuracy_many: Callable[[list[Any]], list[float]], source: str):
+    def __init__(self, accuracy_many: Callable[[list[Any], list[dict[str, Any] | None]], Sequence[float]], source: str):
         self.accuracy_many, self.source = accuracy_many, source
 
     def run(self, jobs: list[TrainJob], on_result: OnResult) -> None:
@@ -142,7 +143,8 @@ class EvaluatorExecutor:
         queue = list(jobs)
         while queue:
             start = time.perf_counter()
-            accuracies = self.accuracy_many([Arch.parse(j.arch).with_resolution(j.fidelity.resolution) for j in queue])
+            archs = [Arch.parse(j.arch).with_resolution(j.fidelity.resolution) for j in queue]
+            accuracies = [float(a) for a in self.accuracy_many(archs, [j.params for j in queue])]
             seconds = (time.perf_counter() - start) / len(queue)
             follow: list[TrainJob] = []
             for job, accuracy in zip(queue, accuracies):

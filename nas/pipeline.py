@@ -191,15 +191,16 @@ def accuracy_evaluator(setup: Setup, log: Log):
     supernet = load_supernet(folder, setup.space, c.data, c.resolution)
     evaluator = SupernetEvaluator(supernet, setup.data, c.resolution, seed=c.seed)
     if c.evaluator == "supernet":
-        return EvaluatorExecutor(evaluator.accuracy_many, "supernet")
-    from nas.surrogate import sample_point
-    from nas.supernet import fit_predictor
+        return EvaluatorExecutor(lambda archs, points: evaluator.accuracy_many(archs), "supernet")
+    from nas.surrogate import fit_predictor, sample_point
 
     points = [sample_point(setup.space, i, seed=c.seed) for i in range(PREDICTOR_SAMPLES)]
     log(f"fitting the accuracy predictor on {len(points)} random subnets scored on the supernet")
     accuracies = evaluator.accuracy_many([setup.space.decode(p) for p in points])
     predictor = fit_predictor(setup.space, points, accuracies, c.seed)
-    return EvaluatorExecutor(predictor.accuracy_many, "predictor")
+    log(f"accuracy predictor: Kendall {predictor.holdout.kendall:.3f} against the supernet on "
+        f"{predictor.holdout.n_holdout} held-out subnets")
+    return EvaluatorExecutor(lambda archs, points: predictor.predict_many(points), "predictor")
 
 
 def search(setup: Setup, latency: LatencyModel, goal: Objective, limits: Limits, evaluator, log: Log) -> list[Trial]:

@@ -350,7 +350,8 @@ class Search:
     def _job(self, number: int, params: dict, rung: int, fidelity: Fidelity, static: dict) -> TrainJob:
         s = self.settings
         hparams = self.space.hyperparameters_of(params) if s.search_hparams else {}
-        return TrainJob(number, rung, static["arch"], hparams, fidelity, s.data, s.seed, threads_per_worker(s.workers))
+        return TrainJob(number, rung, static["arch"], hparams, fidelity, s.data, s.seed, threads_per_worker(s.workers),
+                        params=params)
 
     def _score(self, train: dict[str, Any], static: dict[str, Any], fidelity: Fidelity) -> dict[str, Any]:
         source = train.get("source", "scratch")
