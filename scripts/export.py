@@ -5,7 +5,8 @@
     python scripts/export.py ARCH --init-from SUPERNET_DIR --out model.onnx   # weights inherited, no training
 
 ARCH is a reference name, a canonical architecture string or a JSON file (a run's best.json: its
-weights.pt beside it is used when present). Prints one JSON object: parity, accuracy, path.
+weights.pt beside it is used when present). Prints one JSON object: the path, the parity with
+PyTorch and the ONNX model's own accuracy on the test split.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("arch", help="run folder, best.json, reference name or architecture string")
     parser.add_argument("--out", required=True, help="ONNX file to write")
-    parser.add_argument("--epochs", type=int, default=8, help="training epochs when there are no trained weights")
+    parser.add_argument("--epochs", type=int, help="training epochs when there are no trained weights (default: the "
+                        "training recipe's)")
     parser.add_argument("--data", help="digits, cifar10:PATH or imagefolder:PATH (default: the run's, else digits)")
     parser.add_argument("--resolution", type=int, help="input resolution (default: the architecture's)")
     parser.add_argument("--seed", type=int, help="data split and training seed (default: the run's, else 0)")
@@ -41,20 +43,19 @@ def main(argv: list[str] | None = None) -> int:
         arch = arch.with_resolution(args.resolution)
     hparams = json.loads(source.read_text()).get("hparams") if source.suffix == ".json" and source.is_file() else None
     weights = source.with_name("weights.pt") if source.suffix == ".json" else None
-    # a run's weights are scored on the run's own validation split: same data, same split seed
+    # a run's weights are scored on the run's own test split: same data, same split seed
     run_config = source.with_name("config.json") if source.suffix == ".json" else None
     ran = json.loads(run_config.read_text()) if run_config is not None and run_config.is_file() else {}
     data_spec = args.data or ran.get("data", "digits")
     seed = args.seed if args.seed is not None else ran.get("seed", 0)
 
-    import onnxruntime as ort
     import torch
 
     from nas.builder import build_model
     from nas.data import load_dataset
-    from nas.export import check_parity, export_onnx
+    from nas.export import export_checked
     from nas.fidelity import Fidelity
-    from nas.train import evaluate, train_candidate
+    from nas.train import default_recipe, train_candidate
 
     if args.init_from:
         from nas.supernet.evaluate import inherited_subnet
@@ -74,20 +75,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"using trained weights from {weights}", file=sys.stderr)
     else:
         data = load_dataset(data_spec, seed=seed)
-        print(f"training for {args.epochs} epochs on {data_spec} at {arch.resolution}px", file=sys.stderr)
-        result = train_candidate(arch, hparams or None, Fidelity(args.epochs, 1.0, arch.resolution), data,
+        epochs = args.epochs or default_recipe(data_spec).epochs
+        print(f"training for {epochs} epochs on {data_spec} at {arch.resolution}px", file=sys.stderr)
+        result = train_candidate(arch, hparams or None, Fidelity(epochs, 1.0, arch.resolution), data,
                                  seed=seed, return_model=True)
         if result.failed:
             raise NasError(f"training failed: {result.error}")
         model = result.model
-    onnx_bytes = export_onnx(model, args.out, resolution=arch.resolution, opset=args.opset)
-    parity = check_parity(model, onnx_bytes)
-    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    accuracy = evaluate(lambda x: [session.run(None, {name: x[i:i + 1]})[0][0] for i in range(len(x))], data,
-                        arch.resolution)
-    print(json.dumps({"arch": arch.to_string(), "onnx": args.out, "parity_rel_max_abs": parity,
-                      "onnx_accuracy": accuracy}))
+    check = export_checked(model, args.out, data, arch.resolution, split="test", opset=args.opset)
+    print(json.dumps({"arch": arch.to_string(), **check.to_dict()}))
     return 0
 
 

@@ -178,3 +178,15 @@ def test_help_states_each_default_once():
     assert "(default: None)" not in text
     assert "(default: cpu)" in text and "(default: supernet)" in text
     assert "(default: the space's) (default" not in text
+
+
+@pytest.mark.slow
+def test_export_script_reuses_the_runs_trained_weights(run, tmp_path):
+    out, _ = run
+    result = run_script("export.py", str(out), "--out", str(tmp_path / "m.onnx"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = json.loads(result.stdout)
+    best = json.loads((out / "best.json").read_text())
+    assert "using trained weights" in result.stderr
+    assert row["arch"] == best["arch"] and row["parity_rel_max_abs"] <= 1e-4
+    assert row["split"] == "test" and row["onnx_accuracy"] == best["onnx_test_accuracy"]
