@@ -106,9 +106,17 @@ def _number(value: Any) -> bool:
 LEGACY_RECIPE = Recipe()
 
 
+# The fixed recipe (docs/training.md has the seed-stability measurements behind it): against the
+# legacy one, twice the optimizer steps per epoch at about the same cost (batch 32), a longer warm-up
+# and gradient clipping, which keep deep plain-convolution candidates from diverging early.
+FIXED_RECIPE = Recipe(batch_size=32, warmup_share=0.1, grad_clip=2.0)
+
+
 def default_recipe(data: str) -> Recipe:
-    """The fixed recipe for a data spec (``digits``, ``cifar10:PATH``, ``imagefolder:PATH``)."""
-    return LEGACY_RECIPE
+    """The fixed recipe for a data spec (``digits``, ``cifar10:PATH``, ``imagefolder:PATH``): the same
+    optimizer and schedule for every dataset; augmentation is each dataset's own (``Dataset.flip``,
+    ``crop_padding``)."""
+    return FIXED_RECIPE
 
 
 @dataclass(frozen=True)
