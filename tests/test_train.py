@@ -280,3 +280,19 @@ def test_only_short_runs_recalibrate(digits, tiny_arch, monkeypatch):
     # values; after epoch 2, 0.9**44 < 1% and the running averages are kept
     train_candidate(tiny_arch, HP, Fidelity(2, 0.56, 16), digits, threads=1)
     assert digits.train_steps(0.56, 32) == 22 and len(calls) == 1
+
+
+def test_bench_supernet_refuses_a_truth_it_cannot_use_in_one_line(tmp_path):
+    space = SPACES / "tiny.yaml"
+    cases = [(None, "no such truth file; run without --truth"), ("{not json", "not a JSON truth file"),
+             (json.dumps({"space_hash": "0" * 16}), "space_hash is '0000000000000000', this run needs")]
+    for content, message in cases:
+        truth = tmp_path / "truth.json"
+        truth.unlink(missing_ok=True)
+        if content is not None:
+            truth.write_text(content)
+        proc = run_script("bench_supernet.py", "--space", str(space), "--truth", str(truth), "--json", str(tmp_path / "o.json"))
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "o.json").exists()
+    proc = run_script("bench_supernet.py", "--archs", "2")
+    assert proc.returncode == 2 and "--archs must be at least 4, got 2" in proc.stderr
