@@ -4,7 +4,7 @@
     python scripts/adapt_lut.py --target cpu --table latency_tables/mnasnet-r32-cpu-t1-b1.json --budget-s 120
 
 Measures here a stratified sample of the table's entries and a set of whole networks, maps every entry
-through a ridge regression on block features (the source entry as prior), measures entries the space
+through gradient-boosted trees on block features (the source entry as prior), measures entries the space
 needs but the table lacks, refits the calibration, and writes a table for this machine recording its
 provenance (source hash, what was measured, the fits and their leave-one-out errors). Without --out it
 goes to this machine's cache, where search.py and validate_lut.py find and reuse it.
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     record = table.metadata["adaptation"]
     entries = record.get("entries", {})
     print(f"wrote {out} in {record['seconds']:.0f} s: {len(entries.get('measured', []))} entries measured "
-          f"(transfer leave-one-out error {entries.get('loo_mape', float('nan')):.2f}%, global factor "
+          f"(transfer cross-validated error {entries.get('cv_mape', float('nan')):.2f}%, global factor "
           f"x{entries.get('global_factor', float('nan')):.3f}), {len(record['on_demand'])} added, "
           f"{record['networks']['measured']} networks measured, calibration {table.calibration.method} "
           f"(leave-one-out error {table.calibration.loo_mape:.2f}%)"

@@ -3,11 +3,10 @@
 A table describes the machine it was measured on; this module makes one for the machine it runs on,
 in a bounded time, keeping the source table's measurements as the prior (after HELP / LitePred):
 
-1. Entries. A stratified sample of the entries the space needs (by block kind, resolution level and
-   channel band, so that any prefix covers the strata) is measured here until about half the budget
-   is spent. A ridge regression on block features (kind, level, kernel, stride, widths, SE, the source
-   entry's size, kind x level) maps a source entry to the log of its ratio here; its intercept is the
-   one-factor re-levelling, so with few samples it shrinks to exactly that. Every unmeasured entry is
+1. Entries. A sample of the entries the space needs, weighted by their share of random networks'
+   time (``sampling_order``), is measured here until about half the budget is spent. Gradient-boosted trees on block features (kind, level, kernel, stride, widths, SE, the
+   source entry's size) map a source entry to the log of its ratio here, starting from the mean ratio
+   (the one-factor re-levelling), so with few samples they stay close to it. Every unmeasured entry is
    its source entry times its predicted ratio; measured ones keep their measurement.
 2. Entries the source lacks (another class count's head, another resolution, a block the space file
    gained) are measured here: a table never answers with a default.
@@ -42,7 +41,7 @@ import numpy as np
 import onnxruntime as ort
 
 from nas.arch import Arch
-from nas.blocks import BlockSpec, HeadSpec
+from nas.blocks import BlockSpec, HeadSpec, resolve
 from nas.errors import NasError
 from nas.export import MIN_OPSET
 from nas.latency.build import calibration_networks, combined_network, entry_dict, entry_model, sample_archs
@@ -66,7 +65,10 @@ CHECK_PASSES = 2
 CHECK_SECONDS = 60.0  # ... fewer networks where they take longer (224 px)
 ENTRY_CHUNK = 32
 NETWORK_CHUNK = 10
-RIDGE_ALPHAS = tuple(np.logspace(-2, 4, 13))
+USAGE_NETWORKS = 400  # random networks whose block usage weights the sampled entries
+CALIBRATION_NETWORKS = 150  # candidates where the source has none at this resolution and class count
+HEAVY_NETWORKS = 10  # the slowest of HEAVY_POOL times as many random networks join them
+HEAVY_POOL = 30
 ADAPT_MODES = ("auto", "always", "never")
 
 
@@ -107,6 +109,7 @@ class TableProvenance:
     relevel_ratio: float | None = None  # the one factor re-levelling would have used
     on_demand_entries: int = 0
     loo_mape: float | None = None  # the calibration's leave-one-out error on networks measured here
+    adapt_seconds: float | None = None  # how long adapting took, measuring included
 
     @property
     def summary(self) -> str:
@@ -146,13 +149,16 @@ def measure_entries(items: Sequence[BlockSpec | HeadSpec], target: Target, proto
     with measurement_lock():
         if monitor is None and protocol.reference:
             monitor = BusyMonitor(target, protocol)
+        last = 0.0  # the last chunk's seconds: a chunk that would end past the deadline is not started
         for start in range(0, len(items), ENTRY_CHUNK):
-            if out and time.monotonic() > deadline:
+            if out and time.monotonic() + last > deadline:
                 break
+            began = time.monotonic()
             part = items[start:start + ENTRY_CHUNK]
             models = [entry_model(item, target, opset) for item in part]
             for item, m in zip(part, measure_models(models, target, protocol, monitor)):
                 out[item.key] = entry_dict(m)
+            last = time.monotonic() - began
     return out
 
 
@@ -164,11 +170,14 @@ def measure_networks(archs: Sequence[Arch], target: Target, protocol: Protocol, 
     with measurement_lock():
         if monitor is None and protocol.reference:
             monitor = BusyMonitor(target, protocol)
+        last = 0.0
         for start in range(0, len(archs), NETWORK_CHUNK):
-            if len(measured) >= at_least and time.monotonic() > deadline:
+            if len(measured) >= at_least and time.monotonic() + last > deadline:
                 break
+            began = time.monotonic()
             part = archs[start:start + NETWORK_CHUNK]
             measured += [m.ms for m in measure_archs(part, target, protocol, num_classes, monitor=monitor)]
+            last = time.monotonic() - began
     return measured
 
 
@@ -208,25 +217,25 @@ def _kind(item: BlockSpec | HeadSpec) -> str:
     return "head" if isinstance(item, HeadSpec) else item.op
 
 
-def _stratum(item: BlockSpec | HeadSpec, resolution: int) -> tuple:
-    out_ch = item.num_classes if isinstance(item, HeadSpec) else item.out_ch
-    return _kind(item), resolution_level(item.resolution, resolution), int(math.log2(max(out_ch, 1)))
-
-
-def stratified_order(items: Sequence[BlockSpec | HeadSpec], resolution: int, seed: int) -> list[BlockSpec | HeadSpec]:
-    """``items`` in an order whose every prefix spreads over the strata (kind, level, channel band):
-    round-robin over the strata, each shuffled."""
+def sampling_order(items: Sequence[BlockSpec | HeadSpec], source: LatencyTable, space: SearchSpace,
+                   num_classes: int, seed: int) -> list[BlockSpec | HeadSpec]:
+    """``items`` in the order to measure them: a weighted sample without replacement (Efraimidis-Spirakis),
+    each entry weighted by its share of what random networks of the space spend in the source table
+    (how often ``USAGE_NETWORKS`` of them use it, times its time). An entry's error reaches a network's
+    prediction in that proportion: on the Zen 3 -> Zen 4 tables, 320 entries drawn so predicted random
+    networks' entry sums within 1.5% on average, drawn evenly over kind, level and width within 2.4%."""
+    usage: dict[str, int] = {}
+    for arch in sample_archs(space, USAGE_NETWORKS, seed + 3):
+        specs, head = resolve(arch, num_classes)
+        for item in (*specs, head):
+            usage[item.key] = usage.get(item.key, 0) + 1
     rng = random.Random(seed)
-    strata: dict[tuple, list] = {}
-    for item in items:
-        strata.setdefault(_stratum(item, resolution), []).append(item)
-    queues = [rng.sample(group, len(group)) for _, group in sorted(strata.items())]
-    rng.shuffle(queues)
-    order = []
-    while queues:
-        order += [queue.pop() for queue in queues]
-        queues = [queue for queue in queues if queue]
-    return order
+
+    def key(item: BlockSpec | HeadSpec) -> float:
+        weight = usage.get(item.key, 0) * source.entry_ms(item.key)
+        return math.log(1 - rng.random()) / weight if weight > 0 else -math.inf
+
+    return sorted(items, key=key, reverse=True)
 
 
 def entry_features(item: BlockSpec | HeadSpec, source_ms: float, resolution: int) -> list[float]:
@@ -248,35 +257,39 @@ def entry_features(item: BlockSpec | HeadSpec, source_ms: float, resolution: int
 
 @dataclass(frozen=True)
 class EntryTransfer:
-    """log(entry here / source entry) = ridge regression on ``entry_features``."""
+    """log(entry here / source entry) learnt from the sampled entries by gradient-boosted trees on
+    ``entry_features``. Trees start from the mean log ratio (the one-factor re-levelling) and add only
+    splits the samples support, so with few samples they stay close to it; the relative costs that move
+    between CPU generations depend on kind, level and shape jointly, which a linear model missed
+    (docs/latency.md)."""
 
-    mean: tuple[float, ...]
-    scale: tuple[float, ...]
-    coef: tuple[float, ...]
-    intercept: float
-    alpha: float
+    model: Any  # a fitted sklearn HistGradientBoostingRegressor
     samples: int
-    loo_mape: float  # leave-one-out mean |error| in % of a sampled entry predicted from the others
+    cv_mape: float  # 5-fold cross-validated mean |error| in % of a sampled entry predicted from the others
+    global_factor: float  # the one factor: exp of the mean log ratio
 
     @classmethod
-    def fit(cls, features: np.ndarray, log_ratios: np.ndarray) -> "EntryTransfer":
-        from sklearn.linear_model import RidgeCV
+    def fit(cls, features: np.ndarray, log_ratios: np.ndarray, seed: int = 0) -> "EntryTransfer":
+        from sklearn.ensemble import HistGradientBoostingRegressor
+        from sklearn.model_selection import KFold, cross_val_predict
 
-        mean, scale = features.mean(axis=0), features.std(axis=0)
-        scale[scale == 0] = 1.0
-        model = RidgeCV(alphas=RIDGE_ALPHAS, store_cv_results=True).fit((features - mean) / scale, log_ratios)
-        best = list(RIDGE_ALPHAS).index(model.alpha_)
-        loo = float(np.mean(np.abs(np.expm1(np.sqrt(model.cv_results_[:, best])))) * 100)
-        return cls(tuple(mean), tuple(scale), tuple(model.coef_), float(model.intercept_), float(model.alpha_),
-                   len(log_ratios), loo)
+        def model():
+            return HistGradientBoostingRegressor(max_iter=200, learning_rate=0.05, min_samples_leaf=10, random_state=seed)
+
+        folds = min(5, len(log_ratios))
+        if folds >= 2:
+            held_out = cross_val_predict(model(), features, log_ratios, cv=KFold(folds, shuffle=True, random_state=seed))
+            cv = float(np.mean(np.abs(np.expm1(held_out - log_ratios))) * 100)
+        else:
+            cv = math.nan
+        return cls(model().fit(features, log_ratios), len(log_ratios), cv, float(np.exp(np.mean(log_ratios))))
 
     def ratios(self, features: np.ndarray) -> np.ndarray:
-        z = (features - np.asarray(self.mean)) / np.asarray(self.scale)
-        return np.exp(z @ np.asarray(self.coef) + self.intercept)
+        return np.exp(self.model.predict(features))
 
     def summary(self) -> dict[str, Any]:
-        return {"model": "ridge on log ratio", "alpha": self.alpha, "samples": self.samples,
-                "global_factor": math.exp(self.intercept), "loo_mape": self.loo_mape}
+        return {"model": "gradient-boosted trees on log ratio", "samples": self.samples,
+                "global_factor": self.global_factor, "cv_mape": self.cv_mape}
 
 
 # --- adaptation ---------------------------------------------------------------------------------
@@ -318,14 +331,14 @@ def adapt_table(source: LatencyTable, space: SearchSpace, target: Target, *, res
     with measurement_lock():
         monitor = BusyMonitor(target, protocol) if protocol.reference else None
         if transfer and present:
-            order = stratified_order(present, resolution, seed)
+            order = sampling_order(present, source, space, num_classes, seed)
             sampled = measure_entries(order, target, protocol, monitor=monitor,
                                       deadline=started + ENTRY_SHARE * budget_s)
             items = {item.key: item for item in present}
             src = {key: source.entry_ms(key) for key in items}
             x = np.array([entry_features(items[k], src[k], resolution) for k in sampled])
             y = np.log([sampled[k]["ms"] / src[k] for k in sampled])
-            model = EntryTransfer.fit(x, y)
+            model = EntryTransfer.fit(x, y, seed)
             ratios = model.ratios(np.array([entry_features(item, src[item.key], resolution) for item in present]))
             for item, ratio in zip(present, ratios):
                 entries[item.key] = {"ms": round(src[item.key] * float(ratio), 6), "origin": "transferred"}
@@ -347,20 +360,46 @@ def adapt_table(source: LatencyTable, space: SearchSpace, target: Target, *, res
     return LatencyTable({**table.metadata, "adaptation": record}, table.entries, table.calibration, table.source)
 
 
+def spread_order(n: int) -> list[int]:
+    """0..n-1 in an order whose every prefix spreads evenly over the range (van der Corput points):
+    applied to networks sorted by latency, any prefix spans the fast end to the heavy end."""
+    order, seen = [], set()
+    for i in range(4 * n):  # the points i / 2^m with 2^m >= n hit every index before i reaches 2n
+        x, f, k = 0.0, 0.5, i
+        while k:
+            x, f, k = x + f * (k & 1), f / 2, k >> 1
+        j = min(n - 1, int(x * n))
+        if j not in seen:
+            seen.add(j)
+            order.append(j)
+    return order
+
+
+def adaptation_networks(table: LatencyTable, source: LatencyTable, space: SearchSpace,
+                        seed: int) -> tuple[list[Arch], dict[str, float]]:
+    """Networks to measure, in the order to measure them, and the source's time of those it has (the
+    source's calibration networks where it was calibrated at this resolution and class count, so that
+    the one-factor ratio comes for free; else random and fast ones as a build picks them), plus the
+    heaviest of many random ones: random samples seldom reach the heavy end, where the spill terms act.
+    Sorted by predicted latency and taken in ``spread_order``."""
+    rows = source.calibration.rows if source.calibration else ()
+    if rows and (source.resolution, source.num_classes) == (table.resolution, table.num_classes):
+        archs = [Arch.parse(row.arch) for row in rows]
+        known = {row.key: row.measured_ms for row in rows}
+    else:
+        archs, known = calibration_networks(space, CALIBRATION_NETWORKS, seed, table.predict_raw), {}
+    pool = sample_archs(space, HEAVY_NETWORKS * HEAVY_POOL, seed + 2, exclude=frozenset(a.key for a in archs))
+    archs += sorted(pool, key=table.predict, reverse=True)[:HEAVY_NETWORKS]
+    archs.sort(key=table.predict)
+    return [archs[i] for i in spread_order(len(archs))], known
+
+
 def _calibrate(table: LatencyTable, source: LatencyTable, space: SearchSpace, target: Target, protocol: Protocol,
                monitor: BusyMonitor | None, deadline: float, seed: int, record: dict[str, Any]) -> LatencyTable:
     """Whole networks measured until ``deadline``: the source calibration corrected, or one fitted anew."""
-    resolution, num_classes = table.resolution, table.num_classes
-    same_networks = source.calibration is not None and source.calibration.rows and \
-        (source.resolution, source.num_classes) == (resolution, num_classes)
-    if same_networks:
-        rows = random.Random(seed).sample(list(source.calibration.rows), len(source.calibration.rows))
-        archs = [Arch.parse(row.arch) for row in rows]
-    else:
-        rows = []
-        archs = calibration_networks(space, 150, seed, table.predict_raw)
-        random.Random(seed).shuffle(archs)
-    measured = np.array(measure_networks(archs, target, protocol, num_classes, monitor=monitor, deadline=deadline))
+    archs, known = adaptation_networks(table, source, space, seed)
+    measured = np.array(measure_networks(archs, target, protocol, table.num_classes, monitor=monitor,
+                                         deadline=deadline))
     archs = archs[:len(measured)]
     prior = table.predict_many(archs)
     lookups = [len(a.layers) + 1 for a in archs]
@@ -377,8 +416,9 @@ def _calibrate(table: LatencyTable, source: LatencyTable, space: SearchSpace, ta
     calibration = calibration.with_rows(pairs, [table.terms(a) for a in archs], measured)
     record["networks"] = {"measured": len(measured), "candidates_loo_mape": candidates, "chosen": calibration.method,
                           "correction": [float(c) for c in coef]}
-    if rows:
-        record["relevel_ratio"] = float(np.median(measured / np.array([row.measured_ms for row in rows[:len(measured)]])))
+    ratios = [ms / known[a.key] for a, ms in zip(archs, measured) if a.key in known]
+    if ratios:
+        record["relevel_ratio"] = float(np.median(ratios))
     return table.with_calibration(calibration)
 
 
@@ -460,7 +500,7 @@ def table_for_machine(space: SearchSpace, target: Target, *, resolution: int, nu
         return LatencyTable.load(cached), TableProvenance(
             **base, path=str(cached), action="adapted", reason=reason, machine_check=check,
             relevel_ratio=record.get("relevel_ratio"), on_demand_entries=len(record["on_demand"]),
-            loo_mape=adapted.calibration.loo_mape)
+            loo_mape=adapted.calibration.loo_mape, adapt_seconds=record["seconds"])
     copy, added = _add_missing(source, space, target, resolution, num_classes, log)
     if added:
         copy = LatencyTable({**copy.metadata, "adaptation": {"source": str(path), "source_sha256": source.sha256,
