@@ -573,9 +573,11 @@ def test_scripts_build_then_validate(tmp_path):
     table = tmp_path / "latency_tables" / "micro-r16-cpu-t1-b1.json"
     assert table.is_file()
     checked = _script("validate_lut.py", "--space", str(space), "--n", "3", "--seed", "5", "--json", "v.json",
-                      "--quiet", cwd=tmp_path)  # the plot goes beside the JSON by default
+                      "--adapt", "never", "--quiet", cwd=tmp_path)  # the plot goes beside the JSON by default
     assert checked.returncode == 0, checked.stderr
-    assert "within +-10%" in checked.stdout
+    assert "within +-10%" in checked.stdout and "this machine's ceiling" in checked.stdout
     report = json.loads((tmp_path / "v.json").read_text())
     assert report["n"] == 3 and report["table"] == str(Path("latency_tables") / "micro-r16-cpu-t1-b1.json")
+    assert 0 <= report["ceiling_within_5pct"] <= report["ceiling_within_10pct"] <= 1
+    assert report["provenance"]["action"] == "as built"
     assert (tmp_path / "v.png").stat().st_size > 0
