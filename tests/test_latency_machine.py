@@ -284,3 +284,30 @@ def test_adapting_for_real_within_a_small_budget(source, tiny, tmp_path):
     assert len(record["entries"]["measured"]) >= 1 and table.calibration.loo_mape < 25
     rows = table.calibration.rows
     assert all(row.measured_ms > 0 and abs(row.error_pct) < 50 for row in rows)
+
+
+def test_an_impossible_latency_limit_fails_before_measuring(tiny, monkeypatch, tmp_path):
+    def measuring(*args, **kwargs):
+        raise AssertionError("measured before failing")
+
+    for name in ("measure_entries", "measure_networks", "machine_check", "adapt_table"):
+        monkeypatch.setattr(machine, name, measuring)
+    monkeypatch.setattr(machine, "cpu_model", lambda: "Other CPU")  # a table of another CPU: 2x slack
+    table = LatencyTable.load(TINY_TABLE)
+    fastest = fastest_reachable_ms(table, tiny, 10)
+    with pytest.raises(NasError, match=r"--latency-limit-ms .* is impossible: the fastest network of .*tiny.yaml is "
+                                       r"predicted at .* ms by .* 2x as fast; raise the limit"):
+        table_for_machine(tiny, get_target("cpu"), resolution=16, num_classes=10, table=TINY_TABLE,
+                          latency_limit_ms=fastest / 2.5, directory=tmp_path)
+
+
+def test_the_latency_limit_is_checked_exactly_on_this_machines_table(tiny, monkeypatch, tmp_path):
+    table = LatencyTable.load(TINY_TABLE)
+    monkeypatch.setattr(machine, "machine_check", lambda *args, **kwargs: 1.0)
+    fastest = fastest_reachable_ms(table, tiny, 10)
+    _, prov = table_for_machine(tiny, get_target("cpu"), resolution=16, num_classes=10, table=TINY_TABLE,
+                                latency_limit_ms=fastest * 1.01, directory=tmp_path, log=lambda line: None)
+    assert prov.action == "as built"
+    with pytest.raises(NasError, match=r"predicted at .* ms on this machine; raise the limit"):
+        table_for_machine(tiny, get_target("cpu"), resolution=16, num_classes=10, table=TINY_TABLE,
+                          latency_limit_ms=fastest * 0.99, directory=tmp_path, log=lambda line: None)

@@ -57,6 +57,9 @@ log_ = logging.getLogger(__name__)
 # beyond it, a table of this CPU is adapted rather than trusted: within it the check cannot tell the
 # machine's level from its own scatter (docs/latency.md)
 ADAPT_BEYOND = 0.05
+# how much faster than a table of another CPU this machine may run: a latency limit the source table
+# misses by more fails before adapting (this machine kind's hosts ran one table from x0.75 to x1.53)
+FOREIGN_SLACK = 2.0
 BUDGET_S = 120.0
 ENTRY_SHARE = 0.5  # of the budget, for sampled entries; whole networks get the rest
 MIN_NETWORKS = 10  # measured even when the budget is spent: a correction needs points beyond its 3 coefficients
@@ -441,9 +444,23 @@ def find_table(space: SearchSpace, target: Target, resolution: int, table: str |
                    f"--target {target.name} --threads {target.threads} --space {space.source} --resolution {resolution}")
 
 
+def check_latency_limit(table: LatencyTable, space: SearchSpace, num_classes: int, limit_ms: float | None,
+                        slack: float = 1.0) -> None:
+    """NasError when no network of ``space`` can meet ``limit_ms``: the fastest reachable one is predicted
+    above it by more than the factor ``slack`` (1: exactly; more for a table not yet of this machine)."""
+    if limit_ms is None or table.missing(space, table.resolution, num_classes):
+        return
+    fastest = fastest_reachable_ms(table, space, num_classes)
+    if limit_ms * slack < fastest:
+        where = "on this machine" if slack == 1 else f"by {table.source}, and no machine of this kind runs it {slack:g}x as fast"
+        raise NasError(f"--latency-limit-ms {limit_ms:g} is impossible: the fastest network of {space.source} is "
+                       f"predicted at {fastest:.4g} ms {where}; raise the limit")
+
+
 def table_for_machine(space: SearchSpace, target: Target, *, resolution: int, num_classes: int,
                       table: str | Path | None = None, log: Callable[[str], None] = print, budget_s: float = BUDGET_S,
-                      adapt: str = "auto", directory: Path | None = None) -> tuple[LatencyTable, TableProvenance]:
+                      adapt: str = "auto", directory: Path | None = None,
+                      latency_limit_ms: float | None = None) -> tuple[LatencyTable, TableProvenance]:
     """The table to predict with on this machine, and where it came from.
 
     Loads ``table`` (or the shipped one by its default name) and fails fast (``NasError``, before any
@@ -452,7 +469,10 @@ def table_for_machine(space: SearchSpace, target: Target, *, resolution: int, nu
     one from this CPU checked (``machine_check``) and adapted when the check reads beyond ``ADAPT_BEYOND``;
     entries the space needs at ``resolution`` with ``num_classes`` are measured if missing. Anything
     changed is saved to this machine's copy under ``directory`` (default ``cache_dir()``). ``adapt``:
-    "auto", "never" (only missing entries are measured) or "always". Never call it while training runs.
+    "auto", "never" (only missing entries are measured) or "always". ``latency_limit_ms``: fail (NasError)
+    when no network of the space can meet it, before measuring where the source table already shows it
+    (allowing ``FOREIGN_SLACK`` for a table of another CPU), else once the table is this machine's.
+    Never call it while training runs.
     """
     if adapt not in ADAPT_MODES:
         raise NasError(f"--adapt must be one of {', '.join(ADAPT_MODES)}, got {adapt!r}")
@@ -460,6 +480,19 @@ def table_for_machine(space: SearchSpace, target: Target, *, resolution: int, nu
     source = LatencyTable.load(path)
     source.require_target(target)
     source.require_space(space)
+    here, source_cpu = cpu_model(), source.metadata.get("cpu")
+    if source.resolution == resolution:
+        check_latency_limit(source, space, num_classes, latency_limit_ms,
+                            1 + ADAPT_BEYOND if source_cpu == here else FOREIGN_SLACK)
+    table, provenance = _for_machine(source, path, space, target, resolution, num_classes, log, budget_s, adapt,
+                                     directory)
+    check_latency_limit(table, space, num_classes, latency_limit_ms)
+    return table, provenance
+
+
+def _for_machine(source: LatencyTable, path: Path, space: SearchSpace, target: Target, resolution: int,
+                 num_classes: int, log: Callable[[str], None], budget_s: float, adapt: str,
+                 directory: Path | None) -> tuple[LatencyTable, TableProvenance]:
     here, source_cpu = cpu_model(), source.metadata.get("cpu")
     cached = machine_table_path(source, space, resolution, num_classes, target, directory)
     base = dict(source=str(path), source_sha256=source.sha256, cpu=here, source_cpu=source_cpu)
