@@ -357,6 +357,8 @@ def adapt_table(source: LatencyTable, space: SearchSpace, target: Target, *, res
         table = LatencyTable({**source.metadata, **target.settings(), "cpu": cpu_model(), "space": space.name,
                               "resolution": resolution, "num_classes": num_classes}, entries, source.calibration,
                              source.source)
+        # entries the source lacks are measured whatever they cost; the networks still get their share
+        deadline = max(deadline, time.monotonic() + (1 - ENTRY_SHARE) * budget_s)
         table = _calibrate(table, source, space, target, protocol, monitor, deadline, seed, record)
     record["seconds"] = round(time.monotonic() - started, 1)
     record["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
