@@ -41,14 +41,14 @@ class SupernetRecipe:
     """The one training recipe (docs/supernet.md has the measurements behind each value)."""
 
     epochs: int = 8
-    batch_size: int = 64
-    lr: float = 0.1  # SGD with Nesterov momentum 0.9; linear warm-up then cosine to zero
+    batch_size: int = 32
+    lr: float = 0.05  # SGD with Nesterov momentum 0.9; linear warm-up then cosine to zero
     momentum: float = 0.9
     weight_decay: float = 4e-5
     warmup_share: float = 0.05
-    random_subnets: int = 2  # besides the largest and the smallest, per step
-    distill: float = 1.0  # weight of the largest subnet's soft labels in the other subnets' loss
-    label_smoothing: float = 0.1  # of the largest subnet's cross-entropy
+    random_subnets: int = 6  # besides the largest and the smallest, per step
+    distill: float = 0.5  # weight of the largest subnet's soft labels in the other subnets' loss
+    label_smoothing: float = 0.1  # of every cross-entropy term
     grad_clip: float = 5.0  # global gradient norm
     sort_every: int = 4  # epochs between re-sorts of expanded channels; 0 = never
 
