@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
           f"x{entries.get('global_factor', float('nan')):.3f}), {len(record['on_demand'])} added, "
           f"{record['networks']['measured']} networks measured, calibration {table.calibration.method} "
           f"(leave-one-out error {table.calibration.loo_mape:.2f}%)"
-          + (f"; one factor would have re-levelled it by x{record['relevel_ratio']:.3f}" if record.get("relevel_ratio") else ""))
+          + (f"; one factor would have re-levelled it by x{record['relevel_ratio']:.3f}"
+             if record.get("relevel_ratio") else ""))
     return 0
 
 

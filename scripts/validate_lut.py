@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_summary(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
-    plot = args.plot or (Path(args.json).with_suffix(".png") if args.json else f"{Path(provenance.path).stem}-validation.png")
+    plot = args.plot or (Path(args.json).with_suffix(".png") if args.json
+                         else f"{Path(provenance.path).stem}-validation.png")
     plot_validation(report, plot)
     print(f"wrote {plot}" + (f" and {args.json}" if args.json else ""))
     return 0

@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import importlib.util
 import json
-import math
 import platform
 import random
 import signal
@@ -19,7 +18,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np

@@ -49,7 +49,8 @@ def test_validation_reports_the_ceiling_and_compared_predictors(monkeypatch):
     monkeypatch.setattr(validate, "measure_archs", fake_measure)
     monkeypatch.setattr(validate, "BusyMonitor", lambda *args, **kwargs: None)
     report = validate_table(table, space, get_target("cpu"), 30, seed=4, passes=2, progress=False,
-                            protocol=Protocol(reference=False), compare={"relevelled": lambda a: 1.1 * table.predict(a)})
+                            protocol=Protocol(reference=False),
+                            compare={"relevelled": lambda a: 1.1 * table.predict(a)})
     rows = report["rows"]
     spread = np.array([max(r["passes_ms"]) / min(r["passes_ms"]) - 1 for r in rows])
     assert report["ceiling_within_10pct"] == pytest.approx(np.mean(spread <= 0.10)) and np.mean(spread <= 0.10) < 1
@@ -76,7 +77,8 @@ def _main(name):
     (["--table", "none.json"], "none.json: no such latency table"),
     (["--table", str(TINY_TABLE), "--threads", "2"], "table threads is 1, this run's --threads is 2"),
     (["--table", str(TINY_TABLE), "--budget-s", "0"], "--budget-s must be positive"),
-    (["--table", str(TINY_TABLE), "--space", "search_spaces/mnasnet.yaml"], "was built for space 'tiny', not 'mnasnet'"),
+    (["--table", str(TINY_TABLE), "--space", "search_spaces/mnasnet.yaml"],
+     "was built for space 'tiny', not 'mnasnet'"),
 ])
 def test_adapt_script_bad_input_is_one_line(args, message, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)

@@ -63,7 +63,8 @@ def block_terms(spec: BlockSpec | HeadSpec, ms: float, input_resolution: int) ->
     return terms
 
 
-def spilled_terms(lookups: int, total_bytes: int, block_bytes: Iterable[int], cache_mb: float | None) -> tuple[float, float]:
+def spilled_terms(lookups: int, total_bytes: int, block_bytes: Iterable[int],
+                  cache_mb: float | None) -> tuple[float, float]:
     """(spilled lookups, spilled MB) of a network of ``lookups`` blocks and ``total_bytes`` of weights.
 
     With random replacement and weights read once per inference, a share ``1 - cache / total`` of them
@@ -167,7 +168,8 @@ class Calibration:
 
     def __post_init__(self) -> None:
         if len(self.coef) != len(TERMS):
-            raise NasError(f"calibration has {len(self.coef)} coefficients, the model takes {len(TERMS)} ({', '.join(TERMS)})")
+            raise NasError(f"calibration has {len(self.coef)} coefficients, the model takes {len(TERMS)} "
+                           f"({', '.join(TERMS)})")
 
     @property
     def by_term(self) -> dict[str, float]:
@@ -197,7 +199,8 @@ class Calibration:
         return float(terms.row(self.cache_mb) @ np.asarray(self.coef))
 
     @classmethod
-    def fit(cls, archs: Sequence[tuple[str, str]], terms: Sequence[NetworkTerms], measured: Sequence[float]) -> "Calibration":
+    def fit(cls, archs: Sequence[tuple[str, str]], terms: Sequence[NetworkTerms],
+            measured: Sequence[float]) -> "Calibration":
         """Least squares over ``CACHE_GRID_MB``; the lowest leave-one-out error wins, ties to no spill terms.
         ``archs`` are (canonical string, key) pairs, kept as the rows."""
         m = np.asarray(measured, dtype=float)

@@ -4,7 +4,8 @@ A table describes the machine it was measured on; this module makes one for the 
 in a bounded time, keeping the source table's measurements as the prior (after HELP / LitePred):
 
 1. Entries. A sample of the entries the space needs, weighted by their share of random networks'
-   time (``sampling_order``), is measured here until about half the budget is spent. Gradient-boosted trees on block features (kind, level, kernel, stride, widths, SE, the
+   time (``sampling_order``), is measured here until about half the budget is spent. Gradient-boosted
+   trees on block features (kind, level, kernel, stride, widths, SE, the
    source entry's size) map a source entry to the log of its ratio here, starting from the mean ratio
    (the one-factor re-levelling), so with few samples they stay close to it. Every unmeasured entry is
    its source entry times its predicted ratio; measured ones keep their measurement.
@@ -44,7 +45,7 @@ from nas.arch import Arch
 from nas.blocks import BlockSpec, HeadSpec, resolve
 from nas.errors import NasError
 from nas.export import MIN_OPSET
-from nas.latency.build import calibration_networks, combined_network, entry_dict, entry_model, sample_archs
+from nas.latency.build import calibration_networks, entry_dict, entry_model, sample_archs
 from nas.latency.calibration import KIND_TERMS, KINDS, LEVELS, TERMS, Calibration, fit_relative, loo_mape, \
     resolution_level
 from nas.latency.measure import BusyMonitor, Protocol, measure_archs, measure_models, measurement_lock
@@ -144,8 +145,8 @@ def _require_provider(target: Target, key: str, table: LatencyTable) -> None:
                        f"{ort.__version__} lacks; add the entry on that device with python scripts/adapt_lut.py")
 
 
-def measure_entries(items: Sequence[BlockSpec | HeadSpec], target: Target, protocol: Protocol, *, opset: int = MIN_OPSET,
-                    monitor: BusyMonitor | None = None, deadline: float = math.inf) -> dict[str, dict[str, Any]]:
+def measure_entries(items: Sequence[BlockSpec | HeadSpec], target: Target, protocol: Protocol, *,
+                    opset: int = MIN_OPSET, monitor: BusyMonitor | None = None, deadline: float = math.inf) -> dict[str, dict[str, Any]]:
     """Entries (``build.entry_dict``) for ``items``, measured in chunks until ``deadline``
     (``time.monotonic``); at least one chunk."""
     out: dict[str, dict[str, Any]] = {}
@@ -277,11 +278,13 @@ class EntryTransfer:
         from sklearn.model_selection import KFold, cross_val_predict
 
         def model():
-            return HistGradientBoostingRegressor(max_iter=200, learning_rate=0.05, min_samples_leaf=10, random_state=seed)
+            return HistGradientBoostingRegressor(max_iter=200, learning_rate=0.05, min_samples_leaf=10,
+                                                 random_state=seed)
 
         folds = min(5, len(log_ratios))
         if folds >= 2:
-            held_out = cross_val_predict(model(), features, log_ratios, cv=KFold(folds, shuffle=True, random_state=seed))
+            folding = KFold(folds, shuffle=True, random_state=seed)
+            held_out = cross_val_predict(model(), features, log_ratios, cv=folding)
             cv = float(np.mean(np.abs(np.expm1(held_out - log_ratios))) * 100)
         else:
             cv = math.nan
@@ -347,16 +350,19 @@ def adapt_table(source: LatencyTable, space: SearchSpace, target: Target, *, res
                 entries[item.key] = {"ms": round(src[item.key] * float(ratio), 6), "origin": "transferred"}
             for key, entry in sampled.items():
                 entries[key] = {**entry, "origin": "measured"}
-            record["entries"] = {**model.summary(), "measured": sorted(sampled), "transferred": len(present) - len(sampled)}
+            record["entries"] = {**model.summary(), "measured": sorted(sampled),
+                                 "transferred": len(present) - len(sampled)}
         if missing:
             log(f"measuring {len(missing)} latency entries {source.source} lacks for {space.name} at {resolution} px "
                 f"with {num_classes} classes")
             for key, entry in measure_entries(missing, target, protocol, monitor=monitor).items():
                 entries[key] = {**entry, "origin": "on demand"}
         record["on_demand"] = sorted(missing_keys)
+        # the reference block's time here: a validation holds its measurements to this machine's state
+        reference = round(monitor.reference_ms, 6) if monitor else None
         table = LatencyTable({**source.metadata, **target.settings(), "cpu": cpu_model(), "space": space.name,
-                              "resolution": resolution, "num_classes": num_classes}, entries, source.calibration,
-                             source.source)
+                              "resolution": resolution, "num_classes": num_classes, "reference_ms": reference},
+                             entries, source.calibration, source.source)
         # entries the source lacks are measured whatever they cost; the networks still get their share
         deadline = max(deadline, time.monotonic() + (1 - ENTRY_SHARE) * budget_s)
         table = _calibrate(table, source, space, target, protocol, monitor, deadline, seed, record)
@@ -442,8 +448,9 @@ def find_table(space: SearchSpace, target: Target, resolution: int, table: str |
         if path.is_file():
             return path
     raise NasError(f"no latency table for {space.name} on {target.name} t{target.threads} b{target.batch} "
-                   f"({default_table_path(space.name, resolution, target)}); build one with python scripts/build_lut.py "
-                   f"--target {target.name} --threads {target.threads} --space {space.source} --resolution {resolution}")
+                   f"({default_table_path(space.name, resolution, target)}); build one with python "
+                   f"scripts/build_lut.py --target {target.name} --threads {target.threads} --space {space.source} "
+                   f"--resolution {resolution}")
 
 
 def check_latency_limit(table: LatencyTable, space: SearchSpace, num_classes: int, limit_ms: float | None,
@@ -454,7 +461,8 @@ def check_latency_limit(table: LatencyTable, space: SearchSpace, num_classes: in
         return
     fastest = fastest_reachable_ms(table, space, num_classes)
     if limit_ms * slack < fastest:
-        where = "on this machine" if slack == 1 else f"by {table.source}, and no machine of this kind runs it {slack:g}x as fast"
+        where = ("on this machine" if slack == 1
+                 else f"by {table.source}, and no machine of this kind runs it {slack:g}x as fast")
         raise NasError(f"--latency-limit-ms {limit_ms:g} is impossible: the fastest network of {space.source} is "
                        f"predicted at {fastest:.4g} ms {where}; raise the limit")
 

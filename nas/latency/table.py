@@ -40,10 +40,10 @@ class MissingEntryError(NasError):
     def __init__(self, key: str, source: str, metadata: dict[str, Any]):
         self.key, self.source = key, source
         super().__init__(
-            f"{source}: no latency entry for {key!r} (the table covers space {metadata.get('space')!r} at resolution "
-            f"{metadata.get('resolution')} with {metadata.get('num_classes')} classes); measure the missing entries with "
-            f"python scripts/adapt_lut.py --target {metadata.get('target', 'cpu')} --table {source} --space <space.yaml> "
-            f"--resolution <R> --num-classes <N>"
+            f"{source}: no latency entry for {key!r} (the table covers space {metadata.get('space')!r} at "
+            f"resolution {metadata.get('resolution')} with {metadata.get('num_classes')} classes); measure the "
+            f"missing entries with python scripts/adapt_lut.py --target {metadata.get('target', 'cpu')} --table "
+            f"{source} --space <space.yaml> --resolution <R> --num-classes <N>"
         )
 
 

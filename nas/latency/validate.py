@@ -61,7 +61,8 @@ def repeatability_ceiling(passes_ms: list[list[float]]) -> dict[str, float | Non
     spreads = np.array([max(p) / min(p) - 1 for p in passes_ms if len(p) > 1])
     if not spreads.size:
         return {"ceiling_within_10pct": None, "ceiling_within_5pct": None}
-    return {"ceiling_within_10pct": float(np.mean(spreads <= 0.10)), "ceiling_within_5pct": float(np.mean(spreads <= 0.05))}
+    return {"ceiling_within_10pct": float(np.mean(spreads <= 0.10)),
+            "ceiling_within_5pct": float(np.mean(spreads <= 0.05))}
 
 
 def table_space(table: LatencyTable, space: SearchSpace) -> SearchSpace:
