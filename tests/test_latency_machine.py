@@ -311,3 +311,15 @@ def test_the_latency_limit_is_checked_exactly_on_this_machines_table(tiny, monke
     with pytest.raises(NasError, match=r"predicted at .* ms on this machine; raise the limit"):
         table_for_machine(tiny, get_target("cpu"), resolution=16, num_classes=10, table=TINY_TABLE,
                           latency_limit_ms=fastest * 0.99, directory=tmp_path, log=lambda line: None)
+
+
+@pytest.mark.slow
+def test_missing_heads_measured_for_real_and_kept(tiny, tmp_path, monkeypatch):
+    """Another class count on this machine's own table: only its heads are measured, for real."""
+    monkeypatch.setattr(machine, "machine_check", lambda *args, **kwargs: 1.0)
+    table, prov = table_for_machine(tiny, get_target("cpu"), resolution=16, num_classes=3, table=TINY_TABLE,
+                                    log=lambda line: None, directory=tmp_path)
+    heads = {h.key for h in block_contexts(tiny, 3)[1]}
+    assert prov.action == "entries added" and prov.on_demand_entries == len(heads)
+    assert all(table.entries[key]["ms"] > 0 and table.entries[key]["origin"] == "on demand" for key in heads)
+    assert all(ms > 0 for ms in table.predict_many(sample_archs(tiny, 20, seed=1), 3))
