@@ -80,10 +80,10 @@ class LatencyTable:
         self.sha256 = sha256  # of the file it was loaded from (provenance of adapted tables)
         self._ms = {key: entry["ms"] for key, entry in entries.items()}
         self._cal = calibration or RAW
-        # (input resolution, layer, (in_ch, size)) -> _Layer: a space has few distinct layer contexts and
+        # input resolution -> {(layer, (in_ch, size)): _Layer}: a space has few distinct layer contexts and
         # resolving one costs far more than this lookup; heads likewise
-        self._layers: dict[tuple, _Layer] = {}
-        self._heads: dict[tuple, _Head] = {}
+        self._layers: dict[int, dict[tuple, _Layer]] = {}
+        self._heads: dict[int, dict[tuple, _Head]] = {}
 
     @property
     def num_classes(self) -> int:
@@ -207,30 +207,30 @@ class LatencyTable:
     def _learn(self, arch: Arch, num_classes: int) -> None:
         """Resolve the arch's layers once, memoising each layer context's calibrated value."""
         res, cal = arch.resolution, self._cal
+        layers, heads = self._layers.setdefault(res, {}), self._heads.setdefault(res, {})
         state = (3, res)
         for layer in arch.layers:
             spec = resolve_layer(layer, *state)
             out = (spec.out_ch, spec.out_resolution)
-            self._layers[res, layer, state] = _Layer(cal.block_value(spec, self.entry_ms(spec.key), res),
-                                                     weight_bytes(spec), out)
+            layers[layer, state] = _Layer(cal.block_value(spec, self.entry_ms(spec.key), res), weight_bytes(spec), out)
             state = out
         head = HeadSpec(arch.pool, state[0], arch.hidden, arch.hidden_act, num_classes, state[1])
-        self._heads[res, arch.pool, arch.hidden, arch.hidden_act, num_classes, state] = _Head(
+        heads[arch.pool, arch.hidden, arch.hidden_act, num_classes, state] = _Head(
             cal.block_value(head, self.entry_ms(head.key), res) + cal.constant, head_weight_bytes(head))
 
     def _predict(self, arch: Arch, num_classes: int) -> float:
         """From the memo alone; a KeyError means a context not seen yet."""
-        layers, res, cache = self._layers, arch.resolution, self._cal.cache_bytes
+        layers, cache = self._layers[arch.resolution], self._cal.cache_bytes
         total, nbytes, big = 0.0, 0, []
-        state = (3, res)
+        state = (3, arch.resolution)
         for layer in arch.layers:
-            row = layers[res, layer, state]
+            row = layers[layer, state]
             total += row.value
             nbytes += row.weight_bytes
             if row.weight_bytes > cache:
                 big.append(row.weight_bytes)
             state = row.out
-        head = self._heads[res, arch.pool, arch.hidden, arch.hidden_act, num_classes, state]
+        head = self._heads[arch.resolution][arch.pool, arch.hidden, arch.hidden_act, num_classes, state]
         if nbytes + head.weight_bytes <= cache:
             return total + head.value
         big.append(head.weight_bytes)
