@@ -523,12 +523,12 @@ def _for_machine(source: LatencyTable, path: Path, space: SearchSpace, target: T
         reason = "asked to adapt"
     elif adapt == "auto" and source_cpu != here:
         reason = f"built on {source_cpu!r}, this machine is {here!r}"
-    elif adapt == "auto":
+    elif adapt == "auto" and source.resolution == resolution:  # at another resolution it adapts anyway
         check = machine_check(source, target)
         if check is not None and abs(math.log(check)) > math.log1p(ADAPT_BEYOND):
             reason = f"the machine check reads x{check:.3f} of the table's time (beyond +-{ADAPT_BEYOND:.0%})"
     transfer = bool(reason)  # the entries are another machine's (or another state of this one's)
-    if not reason and source.resolution != resolution:
+    if not reason and source.resolution != resolution and adapt != "never":
         reason = f"built at {source.resolution} px, this run is at {resolution} px"  # its calibration does not carry
     if reason:
         log(f"latency table {path}: {reason}: adapting it here within about {budget_s:.0f} s; this machine's copy "
