@@ -41,8 +41,11 @@ class FakeMachine:
     entries predicts with the source's calibration. Counts what was measured; measures at most
     ``entries_per_call`` entries per call to mimic a budget."""
 
-    def __init__(self, source: LatencyTable, entries_per_call: int | None = None):
-        self.truth = {key: entry["ms"] * FACTORS[_kind(key)] for key, entry in source.entries.items()}
+    def __init__(self, source: LatencyTable, entries_per_call: int | None = None, factors: dict | None = None,
+                 network_ms=None):
+        factors = factors or FACTORS
+        self.truth = {key: entry["ms"] * factors[_kind(key)] for key, entry in source.entries.items()}
+        self.network_ms = network_ms  # (table of the true entries, arch, num_classes) -> ms; default: its prediction
         self.source = source
         self.entries_per_call = entries_per_call
         self.entries: list[str] = []
@@ -66,6 +69,8 @@ class FakeMachine:
         archs = list(archs)[:40]
         self.networks += len(archs)
         truth = self.table()
+        if self.network_ms:
+            return [self.network_ms(truth, a, num_classes) for a in archs]
         return [truth.predict(a, num_classes) for a in archs]
 
 
@@ -323,3 +328,33 @@ def test_missing_heads_measured_for_real_and_kept(tiny, tmp_path, monkeypatch):
     assert prov.action == "entries added" and prov.on_demand_entries == len(heads)
     assert all(table.entries[key]["ms"] > 0 and table.entries[key]["origin"] == "on demand" for key in heads)
     assert all(ms > 0 for ms in table.predict_many(sample_archs(tiny, 20, seed=1), 3))
+
+
+def test_another_resolution_measures_every_entry_and_recalibrates(tiny, monkeypatch, tmp_path):
+    """--resolution 32 with only the 16-px table: every entry the table lacks is measured, then whole
+    networks recalibrate; no machine check, since the table is adapted anyway."""
+    source = LatencyTable.load(TINY_TABLE)
+
+    def network_ms(truth, arch, num_classes):  # a machine whose networks take 1.1x their entries + 2 us a block
+        return 1.1 * truth.predict_raw(arch, num_classes) + 0.002 * (len(arch.layers) + 1)
+
+    fake = FakeMachine(source, factors=dict.fromkeys(FACTORS, 1.0), network_ms=network_ms)
+    monkeypatch.setattr(machine, "measure_entries", fake.measure_entries)
+    monkeypatch.setattr(machine, "measure_networks", fake.measure_networks)
+    monkeypatch.setattr(machine, "BusyMonitor", lambda *args, **kwargs: None)
+    monkeypatch.setattr(machine, "machine_check", lambda *args, **kwargs: pytest.fail("checked"))
+    monkeypatch.chdir(ROOT)  # the default table name, found at the space's own resolution
+    table, prov = table_for_machine(tiny, get_target("cpu"), resolution=32, num_classes=10, log=lambda line: None,
+                                    directory=tmp_path)
+    needed = {i.key for i in (*block_contexts(machine.with_resolution(tiny, 32), 10)[0],
+                              *block_contexts(machine.with_resolution(tiny, 32), 10)[1])}
+    assert prov.action == "adapted" and "built at 16 px, this run is at 32 px" in prov.reason
+    assert set(table.entries) == needed and table.resolution == 32
+    # the blocks at 8 px and below are in the 16-px table already: this machine's, so kept as they are
+    assert set(fake.entries) == needed - set(source.entries) != set()
+    assert {table.entries[key].get("origin") for key in fake.entries} == {"on demand"}
+    truth = fake.table()
+    for seed in range(10):
+        arch = tiny.decode(tiny.sample(random.Random(seed)), 32)
+        assert table.predict(arch) == pytest.approx(network_ms(truth, arch, 10), rel=0.01)
+    assert table.calibration.method == "fit" and table.calibration.loo_mape < 0.5
