@@ -132,3 +132,17 @@ def test_channel_sorting_keeps_the_largest_subnet_and_moves_momentum(spaces):
     torch.testing.assert_close(optimizer.state[block.project.conv.weight]["momentum_buffer"], momentum[:, order])
     sorted_importance = block.project.conv.weight.detach().abs().sum(dim=(0, 2, 3))
     assert torch.all(sorted_importance[:-1] >= sorted_importance[1:])
+
+
+def test_export_with_inherited_weights(spaces, tmp_path):
+    import json
+
+    space = spaces["tiny"]
+    folder = _fake_folder(tmp_path / "sn", space)
+    arch = space.decode(space.sample(random.Random(2)), 16)
+    result = run_script("export.py", arch.to_string(), "--init-from", str(folder), "--out", str(tmp_path / "m.onnx"))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["parity_rel_max_abs"] < 1e-4 and report["arch"] == arch.to_string()
+    outside = run_script("export.py", "mobilenet_v2", "--init-from", str(folder), "--out", str(tmp_path / "x.onnx"))
+    assert outside.returncode == 2 and "not a subnet" in outside.stderr
