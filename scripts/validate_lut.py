@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     report = validate_table(table, space, target, args.n, args.seed, passes=args.passes, compare=compare,
                             exclude=exclude, progress=not args.quiet)
     report["provenance"] = provenance.to_dict()
+    print(f"latency table: {provenance.summary}")
     print(format_summary(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")

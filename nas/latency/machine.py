@@ -119,8 +119,9 @@ class TableProvenance:
     def summary(self) -> str:
         """One line for a report: the file, and what was done to it here and why."""
         what = self.action + (f" ({self.reason})" if self.reason else "")
+        took = f" in {self.adapt_seconds:.0f} s" if self.adapt_seconds is not None else ""
         fit = f", calibration leave-one-out error {self.loo_mape:.2f}%" if self.loo_mape is not None else ""
-        return f"{self.path}: {what}{fit}"
+        return f"{self.path}: {what}{took}{fit}"
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "summary": self.summary}
@@ -537,9 +538,6 @@ def _for_machine(source: LatencyTable, path: Path, space: SearchSpace, target: T
                               transfer=transfer, reason=reason, log=log)
         adapted.save(cached)
         record = adapted.metadata["adaptation"]
-        log(f"adapted in {record['seconds']:.0f} s: {len(record.get('entries', {}).get('measured', []))} entries and "
-            f"{record['networks']['measured']} networks measured, calibration {adapted.calibration.method} with "
-            f"leave-one-out error {adapted.calibration.loo_mape:.2f}%")
         return LatencyTable.load(cached), TableProvenance(
             **base, path=str(cached), action="adapted", reason=reason, machine_check=check,
             relevel_ratio=record.get("relevel_ratio"), on_demand_entries=len(record["on_demand"]),
