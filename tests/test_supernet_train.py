@@ -65,6 +65,14 @@ def test_evaluation_is_deterministic_and_recalibrated(spaces, tmp_path, digits):
     again = SupernetEvaluator(net, digits, 16)
     assert again.accuracy_many(archs[::-1]) == first[::-1]
     assert all(0 <= a <= 1 for a in first)
+    import nas.supernet.evaluate as evaluate_module
+
+    chunked = evaluate_module.EVAL_CHUNK
+    try:  # a split evaluated in chunks, each behind the same calibration images, scores the same
+        evaluate_module.EVAL_CHUNK = 50
+        assert SupernetEvaluator(net, digits, 16).accuracy_many(archs) == first
+    finally:
+        evaluate_module.EVAL_CHUNK = chunked
     # the extracted, recalibrated network scores what the evaluator reported
     from nas.train import validate
 

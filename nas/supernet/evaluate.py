@@ -5,7 +5,8 @@ the stratified training order, no augmentation), as single-path NAS and Once-for
 before evaluating. Calibration and evaluation run as one forward pass over the calibration images
 followed by the evaluation split: every BatchNorm normalises the whole batch with the statistics of
 its calibration part, which is exactly "recalibrate, then evaluate" in a single pass. Both image
-tensors are built once per evaluator; results are memoised per architecture.
+tensors are built once per evaluator; results are memoised per architecture. A large evaluation split
+runs in chunks of ``EVAL_CHUNK`` images, each behind the same calibration images (same statistics).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from nas.supernet.extract import extract
 from nas.supernet.model import Supernet
 
 CALIBRATION_IMAGES = 256
+EVAL_CHUNK = 2048
 
 
 class SupernetEvaluator:
@@ -43,14 +45,18 @@ class SupernetEvaluator:
         order = torch.arange(n) if seed == 0 else torch.randperm(len(dataset.train), generator=torch.Generator().manual_seed(seed))[:n]
         calibration, _ = dataset.train.get(order, resolution)
         evaluation = getattr(dataset, split)
-        images, self._labels = evaluation.get(torch.arange(len(evaluation)), resolution)
-        self._batch = torch.cat([calibration, images]).contiguous(memory_format=torch.channels_last)
+        self._labels = evaluation.labels
+        self._batches = [
+            torch.cat([calibration, evaluation.get(chunk, resolution)[0]]).contiguous(memory_format=torch.channels_last)
+            for chunk in torch.arange(len(evaluation)).split(EVAL_CHUNK)
+        ]
         self._n = n
         self._cache: dict[str, float] = {}
 
     def _logits(self, arch: Arch, stats: dict | None = None) -> torch.Tensor:
         plan = self.supernet.plan(arch.with_resolution(self.resolution))
-        return self.supernet(self._batch, plan, Pass(calibrate=self._n, stats=stats))[self._n:]
+        return torch.cat([self.supernet(batch, plan, Pass(calibrate=self._n, stats=stats))[self._n:]
+                          for batch in self._batches])
 
     def accuracy(self, arch: Arch) -> float:
         """Top-1 accuracy in [0, 1] (memoised by the architecture's string at this resolution)."""
