@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from nas.arch import Arch
 from nas.errors import NasError
 from nas.space import SearchSpace
-from nas.supernet.checkpoint import (CHECKPOINT, WEIGHTS, SupernetMeta, load_tensors, read_meta, save_tensors,
-                                     write_meta)
+from nas.supernet.checkpoint import (CHECKPOINT, META, WEIGHTS, SupernetMeta, load_tensors, read_meta,
+                                     save_tensors, write_meta)
 from nas.supernet.elastic import TRAIN_PASS
 from nas.supernet.model import Supernet, space_fingerprint
 
@@ -149,11 +149,11 @@ def train_supernet(space: SearchSpace, data: str, resolution: int, out_dir: Path
     fingerprint = space_fingerprint(space)
     meta = read_meta(out_dir)
     if meta is not None:
-        meta.check(out_dir / "supernet.json", space_hash=fingerprint, space_file=space.source, data=data,
+        meta.check(out_dir / META, space_hash=fingerprint, space_file=space.source, data=data,
                    resolution=resolution)
         for key, mine, wanted in (("seed", meta.seed, seed), ("recipe", meta.recipe, recipe.to_dict())):
             if mine != wanted:
-                raise NasError(f"{out_dir / 'supernet.json'}: {key}: training there used {mine!r}, not {wanted!r}; "
+                raise NasError(f"{out_dir / META}: {key}: training there used {mine!r}, not {wanted!r}; "
                                "use another --out or the same settings")
         if meta.complete:
             log(f"{out_dir}: supernet already trained ({meta.epochs_done} epochs, {meta.train_seconds:.0f}s)")
@@ -213,6 +213,8 @@ def _train_epochs(net, optimizer, space, dataset, resolution, recipe, seed, star
         meta = type(meta).from_dict({**meta.to_dict(), "epochs_done": done, "complete": done == recipe.epochs,
                                      "train_seconds": round(seconds, 2)})
         write_meta(out_dir, meta)
+        if meta.complete:  # the optimizer state is only needed to resume
+            (out_dir / CHECKPOINT).unlink()
         evaluator = SupernetEvaluator(net, dataset, resolution)
         largest, smallest = sandwich(space, resolution, rng, 0)
         eta = session / (done - start_epoch) * (recipe.epochs - done)
