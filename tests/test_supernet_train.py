@@ -154,3 +154,19 @@ def test_export_with_inherited_weights(spaces, tmp_path):
     assert report["parity_rel_max_abs"] < 1e-4 and report["arch"] == arch.to_string()
     outside = run_script("export.py", "mobilenet_v2", "--init-from", str(folder), "--out", str(tmp_path / "x.onnx"))
     assert outside.returncode == 2 and "not a subnet" in outside.stderr
+
+
+def test_shared_prefixes_are_reused_bit_for_bit(spaces, tmp_path, digits):
+    from nas.supernet.elastic import Pass
+
+    space = spaces["tiny"]
+    net = load_supernet(_fake_folder(tmp_path, space), space, "digits", 16)
+    evaluator = SupernetEvaluator(net, digits, 16)
+    base = space.sample(random.Random(0))
+    points = [base, base | {"s2.kernel": 5 if base["s2.kernel"] == 3 else 3}, base | {"s1.se": 0.25 - base["s1.se"]}]
+    with torch.inference_mode():
+        for params in points:
+            arch = space.decode(params, 16)
+            direct = net(evaluator._batches[0], net.plan(arch), Pass(calibrate=evaluator._n))[evaluator._n:]
+            assert torch.equal(evaluator._logits(arch), direct)
+    assert len(evaluator._prefixes) >= 3  # stem and stage ends of the first, reused by the others

@@ -7,10 +7,16 @@ followed by the evaluation split: every BatchNorm normalises the whole batch wit
 its calibration part, which is exactly "recalibrate, then evaluate" in a single pass. Both image
 tensors are built once per evaluator; results are memoised per architecture. A large evaluation split
 runs in chunks of ``EVAL_CHUNK`` images, each behind the same calibration images (same statistics).
+
+Subnets that share their first stages (what mutation-based searches propose) share those stages'
+output: the feature maps at stage ends are kept in a least-recently-used cache of up to
+``PREFIX_CACHE_BYTES``, keyed by the steps that produced them, and a subnet starts from the longest
+cached prefix. The result is bit-identical to running it from the input (tested).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Sequence
 
 import torch
@@ -24,6 +30,7 @@ from nas.supernet.model import Supernet
 
 CALIBRATION_IMAGES = 256
 EVAL_CHUNK = 2048
+PREFIX_CACHE_BYTES = 256 * 2**20
 
 
 class SupernetEvaluator:
@@ -55,16 +62,47 @@ class SupernetEvaluator:
         self._n = n
         self._threads = threads
         self._cache: dict[str, float] = {}
+        self._prefixes: OrderedDict[tuple, list[torch.Tensor]] = OrderedDict()
+        self._prefix_bytes = 0
 
     def _logits(self, arch: Arch, stats: dict | None = None) -> torch.Tensor:
         plan = self.supernet.plan(arch.with_resolution(self.resolution))
         before = torch.get_num_threads()
         torch.set_num_threads(self._threads or before)
         try:
-            return torch.cat([self.supernet(batch, plan, Pass(calibrate=self._n, stats=stats))[self._n:]
-                              for batch in self._batches])
+            if stats is not None:  # statistics of every BatchNorm wanted: no shortcut
+                ctx = Pass(calibrate=self._n, stats=stats)
+                return torch.cat([self.supernet(batch, plan, ctx)[self._n:] for batch in self._batches])
+            return self._cached_logits(plan)
         finally:
             torch.set_num_threads(before)
+
+    def _cached_logits(self, plan) -> torch.Tensor:
+        ctx = Pass(calibrate=self._n)
+        ends = plan.stage_ends
+        start, xs = 0, self._batches
+        for end in reversed(ends):
+            hit = self._prefixes.get(plan.steps[:end])
+            if hit is not None:
+                self._prefixes.move_to_end(plan.steps[:end])
+                start, xs = end, hit
+                break
+        for end in (*[e for e in ends if e > start], len(plan.steps)):
+            xs = [self.supernet.features(x, plan, ctx, start, end) for x in xs]
+            if end < len(plan.steps):
+                self._remember(plan.steps[:end], xs)
+            start = end
+        return torch.cat([self.supernet.classify(x, plan)[self._n:] for x in xs])
+
+    def _remember(self, key: tuple, xs: list[torch.Tensor]) -> None:
+        size = sum(x.numel() * x.element_size() for x in xs)
+        if size > PREFIX_CACHE_BYTES:
+            return
+        self._prefixes[key] = xs
+        self._prefix_bytes += size
+        while self._prefix_bytes > PREFIX_CACHE_BYTES:
+            _, dropped = self._prefixes.popitem(last=False)
+            self._prefix_bytes -= sum(x.numel() * x.element_size() for x in dropped)
 
     def accuracy(self, arch: Arch) -> float:
         """Top-1 accuracy in [0, 1] (memoised by the architecture's string at this resolution)."""

@@ -47,6 +47,12 @@ class SubnetPlan:
     steps: tuple[tuple[str, BlockSpec], ...]  # (slot name, block) in network order
     head: HeadSpec
 
+    @property
+    def stage_ends(self) -> tuple[int, ...]:
+        """Step indices where a stage (or the stem) ends and the next begins."""
+        stages = [slot.split("_")[0] for slot, _ in self.steps]
+        return tuple(i for i in range(1, len(stages)) if stages[i] != stages[i - 1])
+
 
 def _stage_slot(i: int, j: int) -> str:
     return f"s{i}_l{j}"
@@ -213,11 +219,19 @@ class Supernet(nn.Module):
             for block in blocks.values():
                 block.sort_channels(optimizer)
 
-    def forward(self, x: torch.Tensor, plan: SubnetPlan, ctx: Pass = TRAIN_PASS) -> torch.Tensor:
-        for block, spec in self.blocks(plan):
-            x = block(x, spec, ctx)
+    def features(self, x: torch.Tensor, plan: SubnetPlan, ctx: Pass, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Run steps ``start`` to ``stop`` of the plan (all by default) on ``x``."""
+        for slot, spec in plan.steps[start:stop]:
+            x = self.slots[slot][spec.op](x, spec, ctx)
+        return x
+
+    def classify(self, x: torch.Tensor, plan: SubnetPlan) -> torch.Tensor:
+        """Global pooling and the classifier on the last feature map."""
         x = F.adaptive_avg_pool2d(x, 1).flatten(1) if plan.head.pool == "avg" else x.mean([2, 3])
         return F.linear(x, self.classifier.weight[:, : x.shape[1]], self.classifier.bias)
+
+    def forward(self, x: torch.Tensor, plan: SubnetPlan, ctx: Pass = TRAIN_PASS) -> torch.Tensor:
+        return self.classify(self.features(x, plan, ctx), plan)
 
 
 def space_fingerprint(space: SearchSpace) -> str:
