@@ -6,8 +6,8 @@
 ARCH is a reference name (mobilenet_v2, mnasnet1_0, mobilenet_v3_large, resnet50), a canonical
 architecture string, or a JSON file (an architecture's to_json form, or an object with an "arch"
 string such as a search's best.json). With --init-from, ARCH (a subnet of that supernet's space) starts
-from the weights it inherits, and data and resolution default to the supernet's. Defaults are the search's proxy budget; exit status 1 when
-the candidate itself fails (e.g. a diverging loss), 2 on bad input.
+from the weights it inherits, and data and resolution are the supernet's. Defaults are the search's
+proxy budget; exit status 1 when the candidate itself fails (e.g. a diverging loss), 2 on bad input.
 """
 
 from __future__ import annotations

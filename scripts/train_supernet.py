@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     space = load_space(args.space)
     check_supported(space)
     resolution = args.resolution or space.resolution
-    out = args.out or Path("runs") / f"supernet-{space.name}-{args.data.replace(':', '_').replace('/', '_')}-r{resolution}"
+    data_name = args.data.replace(":", "_").replace("/", "_")
+    out = args.out or Path("runs") / f"supernet-{space.name}-{data_name}-r{resolution}"
     recipe = SupernetRecipe(**{**default.to_dict(), "epochs": args.epochs})
     print(f"training the {space.name} supernet on {args.data} at {resolution}px into {out}: {recipe.to_dict()}",
           flush=True)

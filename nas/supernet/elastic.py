@@ -283,7 +283,8 @@ class ElasticBottleneck(ElasticBlock):
         # two inner channel spaces: after the spatial conv (read by expand), after reduce (read by spatial)
         _reorder(optimizer, _importance(self.expand), _channel_targets(self.spatial) + self._se_targets()
                  + _channel_targets(self.expand, 1))
-        _reorder(optimizer, _importance(self.spatial), _channel_targets(self.reduce) + _channel_targets(self.spatial, 1))
+        _reorder(optimizer, _importance(self.spatial),
+                 _channel_targets(self.reduce) + _channel_targets(self.spatial, 1))
 
     def forward(self, x: torch.Tensor, spec: BlockSpec, ctx: Pass) -> torch.Tensor:
         y = self.spatial(self.reduce(x, spec.mid_ch, 1, spec.act, ctx), spec.mid_ch, spec.kernel, spec.act, ctx)

@@ -51,7 +51,8 @@ class SupernetEvaluator:
                            f"{dataset.num_classes}; load the supernet trained on this data")
         self.supernet, self.resolution = supernet, resolution
         n = min(calibration_images, len(dataset.train))
-        order = torch.arange(n) if seed == 0 else torch.randperm(len(dataset.train), generator=torch.Generator().manual_seed(seed))[:n]
+        shuffled = torch.randperm(len(dataset.train), generator=torch.Generator().manual_seed(seed)) if seed else None
+        order = torch.arange(n) if shuffled is None else shuffled[:n]
         calibration, _ = dataset.train.get(order, resolution)
         evaluation = getattr(dataset, split)
         self._labels = evaluation.labels

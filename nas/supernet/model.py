@@ -94,7 +94,8 @@ class Supernet(nn.Module):
             channels = outs
         if space.head.get("channels"):
             outs = {make_divisible(space.head["channels"] * max(1.0, wm)) for wm in wms}
-            self.slots["head"] = nn.ModuleDict({"conv": ElasticConvBlock(Bounds(max(channels), max(outs), max(outs), 0, (1,), 1))})
+            bounds = Bounds(max(channels), max(outs), max(outs), 0, (1,), 1)
+            self.slots["head"] = nn.ModuleDict({"conv": ElasticConvBlock(bounds)})
             channels = outs
         self.classifier = nn.Linear(max(channels), num_classes)
         nn.init.normal_(self.classifier.weight, 0, 0.01)
@@ -201,7 +202,8 @@ class Supernet(nn.Module):
             if not layer.skip and False not in c["skip"]:
                 return False
             # a stage's first layer may have lost an impossible residual's "noskip" (nas.arch.canonical_layers)
-            if self.space.choice_per == "block" and j and layer.replace(skip=True) != first.replace(stride=1, skip=True):
+            same = layer.replace(skip=True) == first.replace(stride=1, skip=True)
+            if self.space.choice_per == "block" and j and not same:
                 return False
         return True
 
@@ -219,7 +221,8 @@ class Supernet(nn.Module):
             for block in blocks.values():
                 block.sort_channels(optimizer)
 
-    def features(self, x: torch.Tensor, plan: SubnetPlan, ctx: Pass, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    def features(self, x: torch.Tensor, plan: SubnetPlan, ctx: Pass, start: int = 0,
+                 stop: int | None = None) -> torch.Tensor:
         """Run steps ``start`` to ``stop`` of the plan (all by default) on ``x``."""
         for slot, spec in plan.steps[start:stop]:
             x = self.slots[slot][spec.op](x, spec, ctx)

@@ -91,7 +91,7 @@ def extreme_params(space: SearchSpace, largest: bool) -> dict[str, Any]:
 
 def sandwich(space: SearchSpace, resolution: int, rng: random.Random, n_random: int) -> list[Arch]:
     """[largest, smallest, n_random random subnets] of one step."""
-    archs = [space.decode(extreme_params(space, True), resolution), space.decode(extreme_params(space, False), resolution)]
+    archs = [space.decode(extreme_params(space, largest), resolution) for largest in (True, False)]
     return archs + [space.decode(space.sample(rng), resolution) for _ in range(n_random)]
 
 
@@ -111,8 +111,8 @@ def _optimizer(net: Supernet, recipe: SupernetRecipe) -> torch.optim.Optimizer:
     # no weight decay on BatchNorm, biases and kernel transforms (decay would pull those to zero)
     decay = [p for n, p in net.named_parameters() if p.ndim == 4 or n.startswith("classifier.weight")]
     keep = [p for n, p in net.named_parameters() if not (p.ndim == 4 or n.startswith("classifier.weight"))]
-    return torch.optim.SGD([{"params": decay, "weight_decay": recipe.weight_decay}, {"params": keep, "weight_decay": 0.0}],
-                           lr=recipe.lr, momentum=recipe.momentum, nesterov=True)
+    groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": keep, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=True)
 
 
 def _step_loss(net: Supernet, archs: list[Arch], x: torch.Tensor, y: torch.Tensor, recipe: SupernetRecipe) -> float:
@@ -127,7 +127,8 @@ def _step_loss(net: Supernet, archs: list[Arch], x: torch.Tensor, y: torch.Tenso
         logits = net(x, net.plan(arch), TRAIN_PASS)
         student = recipe.distill * F.kl_div(logits.log_softmax(1), soft, reduction="batchmean")
         if recipe.distill < 1:
-            student = student + (1 - recipe.distill) * F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing)
+            labels = F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing)
+            student = student + (1 - recipe.distill) * labels
         student.backward()
     return loss.item()
 
@@ -207,7 +208,8 @@ def _train_epochs(net, optimizer, space, dataset, resolution, recipe, seed, star
         seconds += time.perf_counter() - began
         session += time.perf_counter() - began
         done = epoch + 1
-        save_tensors(out_dir / CHECKPOINT, {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": done})
+        state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": done}
+        save_tensors(out_dir / CHECKPOINT, state)
         if done == recipe.epochs:
             save_tensors(out_dir / WEIGHTS, net.state_dict())
         meta = type(meta).from_dict({**meta.to_dict(), "epochs_done": done, "complete": done == recipe.epochs,
