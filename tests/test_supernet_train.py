@@ -170,3 +170,21 @@ def test_shared_prefixes_are_reused_bit_for_bit(spaces, tmp_path, digits):
             direct = net(evaluator._batches[0], net.plan(arch), Pass(calibrate=evaluator._n))[evaluator._n:]
             assert torch.equal(evaluator._logits(arch), direct)
     assert len(evaluator._prefixes) >= 3  # stem and stage ends of the first, reused by the others
+
+
+def test_killed_after_the_last_checkpoint_finishes_without_training(spaces, tmp_path):
+    from nas.supernet.checkpoint import CHECKPOINT
+    from nas.supernet.train import _optimizer
+
+    space = spaces["tiny"]
+    torch.manual_seed(0)
+    net = Supernet(space, 10)
+    save_tensors(tmp_path / CHECKPOINT, {"model": net.state_dict(), "optimizer": _optimizer(net, QUICK).state_dict(),
+                                         "epoch": QUICK.epochs})
+    write_meta(tmp_path, SupernetMeta(space.name, space.source, space_fingerprint(space), "digits", 10, 16, 0,
+                                      QUICK.to_dict(), epochs_done=QUICK.epochs - 1))
+    lines = []
+    train_supernet(space, "digits", 16, tmp_path, recipe=QUICK, log=lines.append)
+    assert len(lines) == 1 and not (tmp_path / CHECKPOINT).exists()
+    loaded = load_supernet(tmp_path, space, "digits", 16).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in net.state_dict().items())

@@ -177,10 +177,28 @@ def train_supernet(space: SearchSpace, data: str, resolution: int, out_dir: Path
                 optimizer.load_state_dict(state["optimizer"])
                 start_epoch = int(state["epoch"])
                 log(f"resuming {out_dir} after epoch {start_epoch}/{recipe.epochs}")
+                if start_epoch == recipe.epochs:  # killed after the last checkpoint, before the metadata
+                    _save_epoch(net, optimizer, start_epoch, meta.train_seconds, meta, out_dir)
+                    return out_dir
             _train_epochs(net, optimizer, space, dataset, resolution, recipe, seed, start_epoch, meta, out_dir, log)
     finally:
         torch.set_num_threads(previous_threads)
     return out_dir
+
+
+def _save_epoch(net: Supernet, optimizer, done: int, seconds: float, meta: SupernetMeta, out_dir: Path) -> SupernetMeta:
+    """Checkpoint after epoch ``done``; after the last one the supernet's weights alone, and no checkpoint
+    (the optimizer state is only needed to resume). The metadata is written last."""
+    complete = done == meta.recipe["epochs"]
+    save_tensors(out_dir / CHECKPOINT, {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": done})
+    if complete:
+        save_tensors(out_dir / WEIGHTS, net.state_dict())
+    meta = SupernetMeta.from_dict({**meta.to_dict(), "epochs_done": done, "complete": complete,
+                                   "train_seconds": round(seconds, 2)})
+    write_meta(out_dir, meta)
+    if complete:
+        (out_dir / CHECKPOINT).unlink()
+    return meta
 
 
 def _train_epochs(net, optimizer, space, dataset, resolution, recipe, seed, start_epoch, meta, out_dir, log) -> None:
@@ -208,15 +226,7 @@ def _train_epochs(net, optimizer, space, dataset, resolution, recipe, seed, star
         seconds += time.perf_counter() - began
         session += time.perf_counter() - began
         done = epoch + 1
-        state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": done}
-        save_tensors(out_dir / CHECKPOINT, state)
-        if done == recipe.epochs:
-            save_tensors(out_dir / WEIGHTS, net.state_dict())
-        meta = type(meta).from_dict({**meta.to_dict(), "epochs_done": done, "complete": done == recipe.epochs,
-                                     "train_seconds": round(seconds, 2)})
-        write_meta(out_dir, meta)
-        if meta.complete:  # the optimizer state is only needed to resume
-            (out_dir / CHECKPOINT).unlink()
+        meta = _save_epoch(net, optimizer, done, seconds, meta, out_dir)
         evaluator = SupernetEvaluator(net, dataset, resolution)
         largest, smallest = sandwich(space, resolution, rng, 0)
         eta = session / (done - start_epoch) * (recipe.epochs - done)
