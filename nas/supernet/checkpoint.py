@@ -2,7 +2,8 @@
 
 A training folder holds
 - ``supernet.json``: ``SupernetMeta`` (space, data, resolution, seed, recipe, epochs done, versions);
-- ``checkpoint.pt``: {"model", "optimizer", "epoch"} after each finished epoch, to resume;
+- ``checkpoint.pt``: {"model", "optimizer", "epoch"} after each finished epoch, to resume (removed
+  once training is complete);
 - ``supernet.pt``: the trained supernet's state_dict, written when the last epoch is done.
 Every file is written to a temporary name and renamed, so a kill leaves the previous epoch's files.
 """
