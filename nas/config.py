@@ -58,7 +58,7 @@ class SearchConfig:
     trials: int | None = field(default=None, metadata=option(
         "candidates to evaluate (default: 2000 with supernet or predictor, 300 with scratch)"))
     time_budget: float | None = field(default=None, metadata=option(
-        "seconds of search; no new round starts after it (default: none with supernet or predictor, "
+        "seconds of search; no new round starts after it (default: 150 with supernet or predictor, "
         "360 with scratch)"))
     objectives: str = field(default="pareto", metadata=option(
         "pareto: accuracy up and latency down; reward: MnasNet's ACC x (LAT/T)^w", choices=("pareto", "reward")))
@@ -140,7 +140,7 @@ class SearchConfig:
     def search_seconds(self) -> float | None:
         if self.time_budget is not None:
             return self.time_budget
-        return 360.0 if self.evaluator == "scratch" else None
+        return 360.0 if self.evaluator == "scratch" else 150.0
 
     @property
     def resolved_strategy_options(self) -> dict[str, Any]:

@@ -189,7 +189,8 @@ def accuracy_evaluator(setup: Setup, log: Log):
     folder = setup.run_dir / "supernet"
     train_supernet(setup.space, c.data, c.resolution, folder, recipe=recipe, seed=c.seed, log=log)
     supernet = load_supernet(folder, setup.space, c.data, c.resolution)
-    evaluator = SupernetEvaluator(supernet, setup.data, c.resolution, seed=c.seed)
+    # one thread: a subnet's evaluation is small batches of small images, where a second thread mostly waits
+    evaluator = SupernetEvaluator(supernet, setup.data, c.resolution, seed=c.seed, threads=1)
     if c.evaluator == "supernet":
         return EvaluatorExecutor(lambda archs, points: evaluator.accuracy_many(archs), "supernet")
     from nas.surrogate import fit_predictor, sample_point
