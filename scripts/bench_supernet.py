@@ -13,6 +13,9 @@ candidate, of:
   scratch_rung the search's old first rung: 3 epochs on 2/3 of the data, 1 seed, each candidate with
                its own sampled hyperparameters (the search's setting before the fixed recipe)
   params, flops  the naive predictors
+and, with --finetune K, whether fine-tuning a subnet extracted from the supernet (BatchNorm
+recalibrated) with the same recipe and budget is at least as good as training it from scratch: the
+first K truth subnets, seed 0, test accuracy against the truth's seed 0 and its mean.
 Trainings are journalled (--journal) as they finish, so an interrupted run resumes; --truth-only stops
 once the truth and the scratch rung are trained and written to --truth-out (commit that file; later
 runs pass it as --truth and train nothing). Run it under the heavy lock on a quiet machine: the CPU
@@ -51,10 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--truth-only", action="store_true", help="stop after collecting the truth and the scratch rung")
     p.add_argument("--journal", type=Path, help="JSONL of finished trainings (default runs/bench_supernet/<space>-trainings.jsonl)")
     p.add_argument("--workers", type=int, default=2, help="training processes sharing the cores (default 2)")
-    p.add_argument("--supernet-dir", type=Path, help="trained (or to be trained) supernet folder (default runs/bench_supernet/<space>-supernet)")
+    p.add_argument("--supernet-dir", type=Path, help="a trained supernet folder, or where to train one (default runs/bench_supernet/<space>-supernet)")
     p.add_argument("--predictor-archs", type=int, default=500, help="supernet-scored subnets the predictor is fitted on (default 500)")
+    p.add_argument("--finetune", type=int, default=0, metavar="K",
+                   help="also fine-tune the first K truth subnets from the supernet and compare with scratch (default 0)")
     p.add_argument("--json", type=Path, help="write all figures as JSON to this file")
     args = p.parse_args(argv)
+    if args.finetune < 0:
+        raise NasError(f"--finetune must be at least 0, got {args.finetune}")
     for name, low in (("archs", 4), ("seeds", 2), ("workers", 1), ("predictor_archs", 20)):
         if getattr(args, name) < low:
             raise NasError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
@@ -70,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                                 args.truth_out or ROOT / "benchmarks" / "supernet_truth" / f"{space.name}.json"))
     if args.truth_only:
         return 0
-    report = evaluate_all(space, truth, args.supernet_dir or work / f"{space.name}-supernet", args.predictor_archs)
+    report = evaluate_all(space, truth, args.supernet_dir or work / f"{space.name}-supernet", args.predictor_archs,
+                          args.finetune)
     report["command"] = " ".join(["python", "scripts/bench_supernet.py", *(argv if argv is not None else sys.argv[1:])])
     print_table(report)
     if args.json:
@@ -167,13 +175,14 @@ def rank_quality(scores, truth) -> dict:
             "spearman": round(float(spearmanr(scores, truth).statistic), 3)}
 
 
-def evaluate_all(space, truth: dict, supernet_dir: Path, predictor_archs: int) -> dict:
+def evaluate_all(space, truth: dict, supernet_dir: Path, predictor_archs: int, finetune: int) -> dict:
     import numpy as np
 
     from nas.arch import Arch
     from nas.cost import arch_cost
     from nas.data import load_dataset
-    from nas.supernet import SupernetEvaluator, fit_predictor, load_supernet, train_supernet
+    from nas.supernet import SupernetEvaluator, load_supernet, train_supernet
+    from nas.surrogate import fit_predictor
 
     rows = truth["archs"]
     n = len(rows)
@@ -198,7 +207,11 @@ def evaluate_all(space, truth: dict, supernet_dir: Path, predictor_archs: int) -
         "fidelity": truth["scratch_rung_fidelity"], "failed": sum(a is None for a in rung)}
 
     # the supernet: trained once (or found trained), then every candidate scored with inherited weights
-    train_supernet(space, DATA, RESOLUTION, supernet_dir, log=lambda line: print("supernet: " + line, flush=True))
+    from nas.supernet.checkpoint import read_meta
+
+    meta = read_meta(supernet_dir)
+    if meta is None or not meta.complete:  # a finished supernet is benchmarked with the recipe it was trained with
+        train_supernet(space, DATA, RESOLUTION, supernet_dir, log=lambda line: print("supernet: " + line, flush=True))
     net = load_supernet(supernet_dir, space, DATA, RESOLUTION)
     train_seconds = net.meta.train_seconds  # recorded by the training, also when it was found trained
     dataset = load_dataset(DATA, seed=0)
@@ -207,7 +220,7 @@ def evaluate_all(space, truth: dict, supernet_dir: Path, predictor_archs: int) -
     supernet_acc = evaluator.accuracy_many(archs)
     supernet_cpu = (time.process_time() - start) / n
     evaluators["supernet"] = {**rank_quality(supernet_acc, target), "cpu_seconds_per_candidate": supernet_cpu,
-                              "setup_seconds": train_seconds}
+                              "setup_seconds": train_seconds, "recipe": net.meta.recipe}
 
     # evaluations per second on fresh subnets (none of the truth's), and the predictor fitted on them
     fit_points = sample_subnets(space, predictor_archs + n, seed=1)[n:]
@@ -226,8 +239,10 @@ def evaluate_all(space, truth: dict, supernet_dir: Path, predictor_archs: int) -
     evaluators["predictor"] = {**rank_quality(predicted, target), "cpu_seconds_per_candidate": predict_cpu,
                                "setup_seconds": train_seconds + len(fit_archs) / evals_per_second + fit_cpu,
                                "fitted_on": len(fit_archs),
-                               "kendall_vs_supernet": rank_quality(predicted, supernet_acc)["kendall"]}
+                               "kendall_vs_supernet": rank_quality(predicted, supernet_acc)["kendall"],
+                               "holdout": predictor.holdout.to_dict()}
     agreement = truth["agreement"]
+    extra = {"finetune": finetune_vs_scratch(truth, evaluator, dataset, finetune)} if finetune else {}
     return {
         "space": truth["space"], "n": n, "data": truth["data"], "resolution": truth["resolution"],
         "truth_split": truth["split"], "truth_seeds": truth["seeds"], "truth_recipe": truth["recipe"],
@@ -237,8 +252,41 @@ def evaluate_all(space, truth: dict, supernet_dir: Path, predictor_archs: int) -
         "train_seconds": train_seconds, "evals_per_second": round(evals_per_second, 1),
         "evaluators": {name: {k: (round(v, 5) if isinstance(v, float) else v) for k, v in ev.items()}
                        for name, ev in evaluators.items()},
-        "machine": machine(), "truth_machine": truth.get("machine"),
+        "machine": machine(), "truth_machine": truth.get("machine"), **extra,
     }
+
+
+def finetune_vs_scratch(truth: dict, evaluator, dataset, k: int) -> dict:
+    """Fine-tune the first ``k`` truth subnets from their inherited weights with the truth's recipe
+    and budget (seed 0) and compare their test accuracy with training from scratch."""
+    import numpy as np
+
+    from nas.arch import Arch
+    from nas.fidelity import Fidelity
+    from nas.train import Recipe, train_candidate, validate
+
+    recipe, fidelity = Recipe.from_dict(truth["recipe"]), Fidelity.from_dict(truth["fidelity"])
+    rows = []
+    for row in truth["archs"][:k]:
+        arch = Arch.parse(row["arch"])
+        init = evaluator.extract(arch, dropout=recipe.dropout)
+        start = time.process_time()
+        result = train_candidate(arch, None, fidelity, dataset, seed=0, recipe=recipe, init=init, return_model=True)
+        cpu = time.process_time() - start
+        test = None if result.failed else validate(result.model, dataset, fidelity.resolution, split="test")[0]
+        inherited = validate(init, dataset, fidelity.resolution, split="test")[0]
+        scratch = [a for a in row["test"] if a is not None]
+        rows.append({"arch": row["arch"], "inherited": inherited, "finetuned": test, "scratch_seed0": row["test"][0],
+                     "scratch_mean": float(np.mean(scratch)) if scratch else None, "cpu_seconds": round(cpu, 1)})
+        print(f"finetune: inherited {inherited:.4f} -> fine-tuned {test} | scratch seed 0 {row['test'][0]}, "
+              f"mean {rows[-1]['scratch_mean']} ({cpu:.0f} CPU-s): {row['arch']}", flush=True)
+    paired = [(r["finetuned"] or 0.0, r["scratch_seed0"] or 0.0, r["scratch_mean"] or 0.0) for r in rows]
+    diff_seed0 = [f - s for f, s, _ in paired]
+    diff_mean = [f - m for f, _, m in paired]
+    return {"archs": rows, "mean_diff_vs_scratch_seed0": round(float(np.mean(diff_seed0)), 4),
+            "mean_diff_vs_scratch_mean": round(float(np.mean(diff_mean)), 4),
+            "wins_vs_scratch_seed0": sum(d > 0 for d in diff_seed0), "ties": sum(d == 0 for d in diff_seed0),
+            "n": len(rows)}
 
 
 def print_table(report: dict) -> None:
@@ -250,6 +298,11 @@ def print_table(report: dict) -> None:
     for name in ("supernet", "predictor", "scratch_rung", "params", "flops"):
         ev = report["evaluators"][name]
         print(f"| {name} | {ev['kendall']:.3f} | {ev['spearman']:.3f} | {ev['cpu_seconds_per_candidate']:.3g} |")
+    if "finetune" in report:
+        ft = report["finetune"]
+        print(f"\nfine-tuned from the supernet vs from scratch (same recipe and budget, {ft['n']} subnets, test accuracy): "
+              f"{ft['mean_diff_vs_scratch_seed0']:+.4f} vs scratch seed 0 ({ft['wins_vs_scratch_seed0']} wins, "
+              f"{ft['ties']} ties), {ft['mean_diff_vs_scratch_mean']:+.4f} vs the scratch mean of the seeds")
 
 
 if __name__ == "__main__":
