@@ -51,7 +51,8 @@ class SearchConfig:
         "BN recalibrated), predictor (a model fitted on supernet accuracies) or scratch (short training "
         "with successive halving)", choices=EVALUATORS))
     supernet_epochs: int | None = field(default=5, metadata=option(
-        "supernet training epochs (5 fit the 15-minute job on 2 cores; none: the supernet recipe's 8)"))
+        "supernet training epochs (the default fits the 15-minute job on 2 cores; the supernet recipe's own "
+        "8 train a better ranker)"))
     strategy: str = field(default="evolution", metadata=option("random, grid, evolution, nsga2, rl, tpe or gp"))
     strategy_options: dict[str, Any] | None = field(default=None, metadata=option(
         "JSON object of strategy options, e.g. '{\"population_size\": 12}' (default: sized for the evaluator)"))
