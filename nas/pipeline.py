@@ -107,7 +107,6 @@ def prepare(config: SearchConfig, out: str | Path | None, log: Log) -> Setup:
 
     target = get_target(config.target, threads=config.threads)
     data = load_dataset(config.data, seed=config.seed)
-    check_latency_goal(config, with_resolution(space, resolution), target, data.num_classes)
     run_dir = Path(out) if out else default_run_dir(config, space)
     check_resumable(run_dir, config)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -116,38 +115,18 @@ def prepare(config: SearchConfig, out: str | Path | None, log: Log) -> Setup:
     return Setup(config, with_resolution(space, resolution), data, target, run_dir)
 
 
-def check_latency_goal(config: SearchConfig, space: SearchSpace, target, num_classes: int) -> None:
-    """A latency limit (or a hard reward's target) below the fastest network the space can reach, as the
-    table predicts it, stops here, before the table is adapted or anything trained. Where the table lacks
-    entries for this run, the check waits for this machine's table (``objective``)."""
-    goal = config.latency_limit_ms if config.latency_limit_ms is not None else (
-        config.latency_target_ms if config.objectives == "reward" and config.reward == "hard" else None)
-    if goal is None:
-        return
-    from nas.latency.machine import fastest_reachable_ms, find_table
-    from nas.latency.table import LatencyTable, MissingEntryError
-
-    path = find_table(space, target, space.resolution, config.table)
-    table = LatencyTable.load(path)
-    table.require_target(target)
-    try:
-        fastest = fastest_reachable_ms(table, space, num_classes)
-    except MissingEntryError:
-        return
-    if goal < fastest:
-        flag = "--latency-limit-ms" if config.latency_limit_ms is not None else "--latency-target-ms"
-        raise NasError(f"{flag} {goal:g} is impossible: the fastest network of {space.source} is predicted at "
-                       f"{fastest:.4g} ms by {path}; raise it above that")
-
-
 def latency_model(setup: Setup, log: Log) -> LatencyModel:
     """This machine's table: the shipped (or given) one, adapted here where it came from another machine,
     with any entry the space needs at this resolution and class count measured first."""
     from nas.latency.machine import table_for_machine
 
     c = setup.config
+    # an impossible limit (or hard-reward target) stops before anything is measured
+    goal = c.latency_limit_ms if c.latency_limit_ms is not None else (
+        c.latency_target_ms if c.objectives == "reward" and c.reward == "hard" else None)
     table, provenance = table_for_machine(setup.space, setup.target, resolution=c.resolution,
-                                          num_classes=setup.data.num_classes, table=c.table, log=log)
+                                          num_classes=setup.data.num_classes, table=c.table, log=log,
+                                          latency_limit_ms=goal)
     log(f"latency table: {provenance.summary}")
     return LatencyModel(table, provenance.to_dict(), setup.data.num_classes)
 

@@ -162,6 +162,7 @@ def test_a_run_folder_of_an_older_version_is_refused_with_the_way_out(tmp_path):
     (("--target", "tpu"), "tpu"),
     (("--epochs", "many"), "--epochs"),
     (("--objectives", "reward"), "--latency-target-ms"),
+    (("--latency-limit-ms", "0.0001"), "--latency-limit-ms"),
 ])
 def test_bad_options_exit_2_with_one_line(tmp_path, args, fragment):
     result = run_script("search.py", "--space", "search_spaces/tiny.yaml", *args, "--out", str(tmp_path / "r"))
