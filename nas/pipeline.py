@@ -50,6 +50,7 @@ class Setup:
 
     config: SearchConfig  # resolved: resolution filled in
     space: SearchSpace  # at the run's resolution
+    declared_space: SearchSpace  # as the file declares it (its own resolution finds its latency table)
     data: Any  # nas.data.Dataset
     target: Any  # nas.latency.targets.Target
     run_dir: Path
@@ -112,7 +113,7 @@ def prepare(config: SearchConfig, out: str | Path | None, log: Log) -> Setup:
     run_dir.mkdir(parents=True, exist_ok=True)
     write_config(run_dir, config)
     log(f"run folder: {run_dir}")
-    return Setup(config, with_resolution(space, resolution), data, target, run_dir)
+    return Setup(config, with_resolution(space, resolution), space, data, target, run_dir)
 
 
 def latency_model(setup: Setup, log: Log) -> LatencyModel:
@@ -124,7 +125,7 @@ def latency_model(setup: Setup, log: Log) -> LatencyModel:
     # an impossible limit (or hard-reward target) stops before anything is measured
     goal = c.latency_limit_ms if c.latency_limit_ms is not None else (
         c.latency_target_ms if c.objectives == "reward" and c.reward == "hard" else None)
-    table, provenance = table_for_machine(setup.space, setup.target, resolution=c.resolution,
+    table, provenance = table_for_machine(setup.declared_space, setup.target, resolution=c.resolution,
                                           num_classes=setup.data.num_classes, table=c.table, log=log,
                                           latency_limit_ms=goal)
     log(f"latency table: {provenance.summary}")
