@@ -1,14 +1,21 @@
-"""Shared pieces of the command-line front ends: the argument parser and reading an ARCH argument."""
+"""Shared pieces of the command-line front ends: the argument parser, the latency scripts' shared options,
+and reading an ARCH argument."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nas.arch import Arch
 from nas.errors import NasError
 from nas.references import REFERENCES, reference
+
+if TYPE_CHECKING:  # importing them here would load ONNX Runtime for every script
+    from nas.latency.targets import Target
+    from nas.space import SearchSpace
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -32,13 +39,37 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-def add_target_arguments(parser: argparse.ArgumentParser) -> None:
-    """--target, --space, --threads and --batch, as the latency scripts share them."""
+def add_table_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options build_lut.py and validate_lut.py share: --target, --space, --threads, --batch,
+    --resolution, --num-classes (``table_arguments`` reads them) and --quiet."""
     parser.add_argument("--target", default="cpu", help="execution provider: cpu, cuda, tensorrt, openvino, coreml, "
                                                        "dml, ...")
     parser.add_argument("--space", required=True, help="search-space YAML file")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
     parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    parser.add_argument("--resolution", type=int, help="input resolution (default: the space's)")
+    parser.add_argument("--num-classes", type=int, help="classifier width (default 1000 at >= 224 px, else 10)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def table_arguments(args: argparse.Namespace) -> tuple[Target, SearchSpace, int, int]:
+    """The (target, space, resolution, num_classes) that ``add_table_arguments``' options name."""
+    from nas.latency.build import default_num_classes
+    from nas.latency.targets import get_target
+    from nas.space import load_space
+
+    target = get_target(args.target, args.threads, args.batch)
+    space = load_space(args.space)
+    resolution = args.resolution or space.resolution
+    return target, space, resolution, args.num_classes or default_num_classes(resolution)
+
+
+def parse_with_progress(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv`` and show the library's progress (its INFO log records) on stderr, as the latency
+    scripts do."""
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return args
 
 
 def parse_arch_argument(text: str) -> Arch:

@@ -38,6 +38,7 @@ class TrainJob:
     test: bool = False  # also score the trained model on the test split (final trainings only)
     weights_path: str | None = None  # where to save the trained state_dict
     params: dict[str, Any] | None = None  # the point of the space (for evaluators that score decisions)
+    recipe: dict[str, Any] | None = None  # a ``Recipe.to_dict()``; None: the data's default recipe
 
 
 _DATASETS: dict[tuple[str, int], Any] = {}
@@ -47,7 +48,7 @@ def train_job(job: TrainJob) -> dict[str, Any]:
     """Worker entry point: the candidate's training result as a dict; failures are results too."""
     from nas.arch import Arch
     from nas.data import load_dataset
-    from nas.train import train_candidate, validate
+    from nas.train import Recipe, train_candidate, validate
 
     split_seed = job.seed if job.split_seed is None else job.split_seed
     key = (job.data, split_seed)
@@ -55,16 +56,19 @@ def train_job(job: TrainJob) -> dict[str, Any]:
         _DATASETS[key] = load_dataset(job.data, seed=split_seed)
     data = _DATASETS[key]
     keep = job.test or job.weights_path is not None
-    result = train_candidate(Arch.parse(job.arch), job.hparams or None, job.fidelity, data,
-                             seed=job.seed, threads=job.threads, return_model=keep)
+    cpu_start = time.process_time()
+    result = train_candidate(Arch.parse(job.arch), job.hparams or None, job.fidelity, data, seed=job.seed,
+                             recipe=Recipe.from_dict(job.recipe) if job.recipe else None, threads=job.threads,
+                             return_model=keep)
     out = result.to_dict()
-    if keep and not result.failed:
-        if job.test:
+    if job.test:  # a scored training also reports its CPU time (training and test scoring, all threads)
+        if not result.failed:
             out["test_accuracy"] = validate(result.model, data, job.fidelity.resolution, split="test")[0]
-        if job.weights_path is not None:
-            import torch
+        out["cpu_seconds"] = time.process_time() - cpu_start
+    if job.weights_path is not None and not result.failed:
+        import torch
 
-            torch.save(result.model.state_dict(), job.weights_path)
+        torch.save(result.model.state_dict(), job.weights_path)
     return out
 
 

@@ -1,46 +1,55 @@
-"""The final trainings: the front points and the baselines, each trained from scratch with the same
-recipe under several seeds and scored once on the test split.
+"""Trainings from scratch under several seeds, each scored once on the test split: the main job's
+final trainings (the front points and the baselines, one recipe) and the benchmarks' ground truths.
 
-Every finished training is appended to ``finals.jsonl`` in the run folder, so a crash or Ctrl-C
-loses at most the trainings in flight, and a rerun trains only what is missing. The data split is
-the run's (its seed); only the training seed varies.
+Every finished training is appended to a JSONL journal (``finals.jsonl`` in a run folder), so a
+crash or Ctrl-C loses at most the trainings in flight, and a rerun trains only what is missing. The
+data split is fixed (a run's seed); only the training seed varies.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import random
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from nas.arch import Arch
+from nas.errors import NasError
 from nas.executor import TrainJob, make_executor, threads_per_worker
 from nas.fidelity import Fidelity
 from nas.journal import append_jsonl, read_jsonl
 from nas.space import SearchSpace
+from nas.train import Recipe, default_recipe
 
 
 @dataclass(frozen=True)
 class SeedRun:
-    """One training of one architecture under one seed."""
+    """One training of one architecture under one seed: one line of a journal."""
 
     arch: str
     seed: int
     val_accuracy: float | None
     test_accuracy: float | None
-    seconds: float
+    seconds: float  # wall time
     error: str | None
+    cpu_seconds: float | None = None  # training and test scoring, all threads (absent from older journals)
+    setup: dict[str, Any] | None = None  # data, split seed, fidelity and recipe, in a journal shared by several
 
     def to_dict(self) -> dict[str, Any]:
-        return {"arch": self.arch, "seed": self.seed, "val_accuracy": self.val_accuracy,
-                "test_accuracy": self.test_accuracy, "seconds": self.seconds, "error": self.error}
+        out = dataclasses.asdict(self)
+        if self.setup is None:  # a run folder's finals.jsonl: the run fixes the setup
+            del out["setup"]
+        return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SeedRun":
-        return cls(**{k: data[k] for k in ("arch", "seed", "val_accuracy", "test_accuracy", "seconds", "error")})
+    def from_dict(cls, data: dict[str, Any]) -> SeedRun:
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
 
 @dataclass(frozen=True)
@@ -105,45 +114,84 @@ def tune_hyperparameters(arch: Arch, space: SearchSpace, budget: int, *, run_dir
     return settings[best]
 
 
-def train_finals(archs: Sequence[Arch], *, run_dir: Path, data: str, split_seed: int, fidelity: Fidelity,
-                 seeds: int, workers: int, hparams: dict[str, dict[str, Any]] | None = None, executor: str = "local",
-                 ray_address: str | None = None, log: Callable[[str], None] = print) -> dict[str, FinalScore]:
-    """Train every architecture under seeds 0..seeds-1 (those not already in ``finals.jsonl``), keep
-    each seed-0 model's weights for export, and return the scores keyed by architecture string.
-    ``hparams`` (by architecture string) replace the fixed recipe's optimizer, lr and batch size."""
-    journal = run_dir / "finals.jsonl"
-    done = {(r.arch, r.seed): r for r in map(SeedRun.from_dict, read_jsonl(journal))}
-    (run_dir / "weights").mkdir(exist_ok=True)
+def train_seeds(archs: Sequence[Arch], seeds: Sequence[int], fidelity: Fidelity, data: str, recipes: Sequence[Recipe],
+                *, split_seed: int = 0, journal: Path | None = None, shared_journal: bool = True,
+                seed0_weights: Callable[[Arch], Path] | None = None, workers: int = 1, executor: str = "local",
+                ray_address: str | None = None, label: str = "seed",
+                log: Callable[[str], None] = print) -> list[list[SeedRun]]:
+    """Train every architecture under every seed with its own recipe (``recipes[i]`` for ``archs[i]``)
+    on ``split_seed``'s data split, score each on validation and test; the runs per architecture, in
+    seed order.
+
+    With ``journal`` (JSONL) each finished training is appended at once and trainings already there
+    are not repeated. ``shared_journal``: each line records its setup (data, split seed, fidelity,
+    recipe) and only a line of the same setup counts, so one journal can hold several studies; False:
+    the journal belongs to one setup (a run folder's ``finals.jsonl``). ``seed0_weights(arch)``: where
+    seed 0's trained weights go; a journalled seed-0 training without that file is trained again.
+    """
+    if len(recipes) != len(archs):
+        raise ValueError(f"{len(recipes)} recipes for {len(archs)} architectures")
+    setups = [{"data": data, "split_seed": split_seed, "fidelity": fidelity.to_dict(), "recipe": r.to_dict()}
+              if shared_journal else None for r in recipes]
+    done = {} if journal is None else {_key(r.arch, r.seed, r.setup): r for r in _read_runs(journal)}
     jobs = []
-    for number, arch in enumerate(archs):
+    for number, (arch, recipe) in enumerate(zip(archs, recipes)):
         text = arch.to_string()
-        for seed in range(seeds):
-            if (text, seed) in done and (seed or weights_path(run_dir, arch, seed).exists()):
+        for seed in seeds:
+            weights = seed0_weights(arch) if seed0_weights is not None and seed == 0 else None
+            if _key(text, seed, setups[number]) in done and (weights is None or weights.exists()):
                 continue
-            jobs.append(TrainJob(number, 0, text, (hparams or {}).get(text, {}), fidelity, data, seed,
-                                 threads_per_worker(workers),
-                                 split_seed=split_seed, test=True,
-                                 weights_path=str(weights_path(run_dir, arch, seed)) if seed == 0 else None))
+            jobs.append(TrainJob(number, 0, text, {}, fidelity, data, seed, threads_per_worker(workers),
+                                 split_seed=split_seed, test=True, weights_path=None if weights is None else str(weights),
+                                 recipe=recipe.to_dict()))
     if jobs:
-        skipped = len(archs) * seeds - len(jobs)
-        log(f"final trainings: {len(jobs)} to run ({len(archs)} networks x {seeds} seeds, {fidelity.epochs} epochs"
+        skipped = len(archs) * len(seeds) - len(jobs)
+        log(f"{label} trainings: {len(jobs)} to run ({len(archs)} networks x {len(seeds)} seeds, {fidelity.epochs} epochs"
             + (f"; {skipped} kept from before" if skipped else "") + f", {workers} worker(s))")
     started, finished = time.monotonic(), 0
 
     def on_result(job: TrainJob, result: dict[str, Any]) -> None:
         nonlocal finished
         run = SeedRun(job.arch, job.seed, result["accuracy"], result.get("test_accuracy"), result["seconds"],
-                      result["error"])
-        append_jsonl(journal, run.to_dict())
-        done[(run.arch, run.seed)] = run
+                      result["error"], result["cpu_seconds"], setups[job.number])
+        if journal is not None:
+            append_jsonl(journal, run.to_dict())
+        done[_key(run.arch, run.seed, run.setup)] = run
         finished += 1
         elapsed = time.monotonic() - started
         eta = elapsed / finished * (len(jobs) - finished)
         outcome = (f"test {run.test_accuracy:.4f} (val {run.val_accuracy:.4f})" if run.error is None
                    else f"failed: {run.error}")
-        log(f"[final {finished}/{len(jobs)}] network {job.number} seed {job.seed}: {outcome} in {run.seconds:.1f}s"
+        log(f"[{label} {finished}/{len(jobs)}] network {job.number} seed {job.seed}: {outcome} in {run.seconds:.1f}s"
             f" | elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min")
 
     _run(jobs, on_result, workers, executor, ray_address)
-    return {a.to_string(): FinalScore(tuple(done[(a.to_string(), s)] for s in range(seeds))) for a in archs}
+    return [[done[_key(a.to_string(), s, setup)] for s in seeds] for a, setup in zip(archs, setups)]
 
+
+def _key(arch: str, seed: int, setup: dict[str, Any] | None) -> tuple[str, int, str]:
+    return arch, seed, json.dumps(setup, sort_keys=True)
+
+
+def _read_runs(journal: Path) -> list[SeedRun]:
+    try:
+        return [SeedRun.from_dict(r) for r in read_jsonl(journal)]
+    except (ValueError, TypeError) as exc:
+        raise NasError(f"{journal}: not a journal of trainings ({exc}); move it away to train afresh") from None
+
+
+def train_finals(archs: Sequence[Arch], *, run_dir: Path, data: str, split_seed: int, fidelity: Fidelity,
+                 seeds: int, workers: int, hparams: dict[str, dict[str, Any]] | None = None, executor: str = "local",
+                 ray_address: str | None = None, log: Callable[[str], None] = print) -> dict[str, FinalScore]:
+    """The main job's final trainings: every architecture under seeds 0..seeds-1 with the fixed recipe,
+    journalled in ``finals.jsonl``, each seed-0 model's weights kept for export; the scores keyed by
+    architecture string. ``hparams`` (by architecture string) replace the recipe's optimizer, lr and
+    batch size."""
+    recipe = default_recipe(data)
+    recipes = [recipe.with_hparams(hp) if (hp := (hparams or {}).get(a.to_string())) else recipe for a in archs]
+    (run_dir / "weights").mkdir(exist_ok=True)
+    runs = train_seeds(archs, range(seeds), fidelity, data, recipes, split_seed=split_seed,
+                       journal=run_dir / "finals.jsonl", shared_journal=False,
+                       seed0_weights=lambda arch: weights_path(run_dir, arch, 0), workers=workers, executor=executor,
+                       ray_address=ray_address, label="final", log=log)
+    return {a.to_string(): FinalScore(tuple(r)) for a, r in zip(archs, runs)}

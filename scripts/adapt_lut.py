@@ -13,10 +13,9 @@ goes to this machine's cache, where search.py and validate_lut.py find and reuse
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from nas.cli import ArgumentParser
+from nas.cli import ArgumentParser, parse_with_progress
 from nas.errors import NasError, exit_on_user_error
 from nas.latency.machine import BUDGET_S, adapt_table, machine_table_path
 from nas.latency.table import LatencyTable
@@ -37,13 +36,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"seconds of measuring (default {BUDGET_S:g}); entries the table lacks come on top")
     p.add_argument("--seed", type=int, default=0, help="random.Random seed of the sampled entries and networks")
     p.add_argument("--out", help="adapted table file (default: this machine's cache, as search.py uses it)")
-    return p.parse_args(argv)
+    return parse_with_progress(p, argv)
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.budget_s <= 0:
         raise NasError(f"--budget-s must be positive, got {args.budget_s:g}")
     target = get_target(args.target, args.threads, args.batch)

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
 import onnxruntime as ort
 
-from nas.cli import ArgumentParser
+from nas.cli import ArgumentParser, parse_with_progress
 from nas.errors import exit_on_user_error
 from nas.latency.build import default_num_classes
 from nas.latency.machine import table_for_machine
@@ -37,13 +36,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--throughput-archs", type=int, default=20000, help="architectures per throughput pass")
     p.add_argument("--out", required=True, help="JSON summary file")
     p.add_argument("--plots", help="directory for predicted-vs-measured PNGs")
-    return p.parse_args(argv)
+    return parse_with_progress(p, argv)
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     results = []
     for space_file in args.spaces:
         space = load_space(space_file)

@@ -110,7 +110,8 @@ def collect_truth(space, args, journal: Path, out: Path) -> dict:
     import numpy as np
 
     from nas.fidelity import Fidelity, ladder
-    from nas.train import LEGACY_RECIPE, default_recipe, seed_agreement, train_records
+    from nas.finals import train_seeds
+    from nas.train import LEGACY_RECIPE, default_recipe, seed_agreement
 
     journal.parent.mkdir(parents=True, exist_ok=True)
     points = sample_subnets(space, args.archs, seed=0)
@@ -119,20 +120,20 @@ def collect_truth(space, args, journal: Path, out: Path) -> dict:
     fidelity = recipe.fidelity(RESOLUTION)
     log = lambda line: print("truth: " + line, flush=True)  # noqa: E731
     log(f"{len(archs)} subnets x {args.seeds} seeds, {fidelity.epochs} epochs at {RESOLUTION} px, recipe {recipe.to_dict()}")
-    records = train_records(archs, list(range(args.seeds)), fidelity, DATA, recipe, workers=args.workers,
-                            journal=journal, log=log)
+    runs = train_seeds(archs, range(args.seeds), fidelity, DATA, [recipe] * len(archs), journal=journal,
+                       workers=args.workers, label="truth", log=log)
     rung = ladder(Fidelity(OLD_TOP_EPOCHS, 1.0, RESOLUTION), eta=3, rungs=2)[0]
     rung_recipes = [LEGACY_RECIPE.with_hparams(space.hyperparameters_of(p)) for p in points]
     log(f"scratch rung: {rung.epochs} epochs x {rung.fraction:g} of the data, 1 seed, sampled hyperparameters")
-    rung_records = train_records(archs, [0], rung, DATA, rung_recipes, workers=args.workers, journal=journal, log=log)
+    rung_runs = train_seeds(archs, [0], rung, DATA, rung_recipes, journal=journal, workers=args.workers,
+                            label="scratch-rung", log=log)
     rows = []
-    for i, (point, arch) in enumerate(zip(points, archs)):
-        mine = records[i * args.seeds:(i + 1) * args.seeds]
+    for point, arch, mine, (scratch,) in zip(points, archs, runs, rung_runs):
         rows.append({"arch": arch.to_string(), "params": point,
                      "val": [r.val_accuracy for r in mine], "test": [r.test_accuracy for r in mine],
                      "cpu_seconds": [r.cpu_seconds for r in mine],
-                     "scratch_rung": {"hparams": space.hyperparameters_of(point), "val": rung_records[i].val_accuracy,
-                                      "cpu_seconds": rung_records[i].cpu_seconds, "error": rung_records[i].error}})
+                     "scratch_rung": {"hparams": space.hyperparameters_of(point), "val": scratch.val_accuracy,
+                                      "cpu_seconds": scratch.cpu_seconds, "error": scratch.error}})
     acc = np.array([[np.nan if a is None else a for a in row[TRUTH_SPLIT]] for row in rows], dtype=float)
     truth = {"space": space.name, "space_file": Path(space.source).name, "space_hash": space_hash(space),
              "data": DATA, "resolution": RESOLUTION, "split": TRUTH_SPLIT, "seeds": args.seeds,

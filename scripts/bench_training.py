@@ -194,23 +194,24 @@ def bench_seeds(recipe, n_archs: int, n_seeds: int, seed: int, workers: int, jou
     """(d) between-seed agreement of a fixed recipe on random mnasnet.yaml architectures at 32 px."""
     import numpy as np
 
+    from nas.finals import train_seeds
     from nas.space import load_space
-    from nas.train import seed_agreement, train_records
+    from nas.train import seed_agreement
 
     space = load_space(ROOT / "search_spaces" / "mnasnet.yaml")
     rng = random.Random(seed)
     archs = [space.decode(space.sample(rng), resolution=32) for _ in range(n_archs)]
     fidelity = recipe.fidelity(32)
     print(f"(d) {n_archs} archs x {n_seeds} seeds, recipe {recipe.to_dict()}", flush=True)
-    records = train_records(archs, list(range(n_seeds)), fidelity, "digits", recipe, workers=workers, journal=journal,
-                            log=lambda line: print("(d) " + line, flush=True))
+    runs = train_seeds(archs, range(n_seeds), fidelity, "digits", [recipe] * n_archs, journal=journal, workers=workers,
+                       label="seed-study", log=lambda line: print("(d) " + line, flush=True))
     out = {"recipe": recipe.to_dict(), "fidelity": fidelity.to_dict(), "archs": [a.to_string() for a in archs]}
     for split in ("val", "test"):
-        acc = np.array([[r.val_accuracy if split == "val" else r.test_accuracy for r in records[i:i + n_seeds]]
-                        for i in range(0, len(records), n_seeds)], dtype=float)
+        acc = np.array([[r.val_accuracy if split == "val" else r.test_accuracy for r in arch_runs] for arch_runs in runs],
+                       dtype=float)
         out[split] = {**seed_agreement(acc), "accuracies": acc.round(4).tolist()}
         print(f"(d) {split}: " + ", ".join(f"{k} {v}" for k, v in out[split].items() if k != "accuracies"), flush=True)
-    out["seconds_per_training"] = round(float(np.mean([r.seconds for r in records])), 2)
+    out["seconds_per_training"] = round(float(np.mean([r.seconds for arch_runs in runs for r in arch_runs])), 2)
     print(f"(d) {out['seconds_per_training']:.1f} s per training at {max(1, (os.cpu_count() or 1) // workers)} "
           f"thread(s), {workers} in parallel", flush=True)
     return out

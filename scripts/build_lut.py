@@ -8,25 +8,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
-from nas.cli import ArgumentParser, add_target_arguments
+from nas.cli import ArgumentParser, add_table_arguments, parse_with_progress, table_arguments
 from nas.errors import exit_on_user_error
-from nas.latency.build import (CALIBRATION_ARCHS, CALIBRATION_PASSES, PASSES, build_table, default_num_classes,
-                               estimate_build_seconds, refit_calibration)
+from nas.latency.build import (CALIBRATION_ARCHS, CALIBRATION_PASSES, PASSES, build_table, estimate_build_seconds,
+                               refit_calibration)
 from nas.latency.measure import AGGREGATES, Protocol
 from nas.latency.table import LatencyTable, default_table_path
-from nas.latency.targets import get_target
-from nas.space import load_space
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__)
-    add_target_arguments(p)
+    add_table_arguments(p)
     p.add_argument("--out", help="table file (default latency_tables/<space>-r<res>-<target>-t<threads>-b<batch>.json)")
-    p.add_argument("--resolution", type=int, help="input resolution (default: the space's)")
-    p.add_argument("--num-classes", type=int, help="classifier width (default 1000 at >= 224 px, else 10)")
     p.add_argument("--sessions", type=int, default=Protocol.sessions, help="measurement sessions per entry")
     p.add_argument("--aggregate", choices=AGGREGATES, default=Protocol.aggregate,
                    help="an entry's figure: the fastest run of all sessions, the best session median, or the median one")
@@ -44,18 +39,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="measure nothing: fit the calibration of the existing --out table again to the networks it keeps "
                         "(rewrites a schema-2 table in schema 3)")
     p.add_argument("--estimate", type=int, metavar="N", help="only time N random entries and project the build time")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    return parse_with_progress(p, argv)
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    target = get_target(args.target, args.threads, args.batch)
-    space = load_space(args.space)
-    resolution = args.resolution or space.resolution
-    num_classes = args.num_classes or default_num_classes(resolution)
+    target, space, resolution, num_classes = table_arguments(args)
     protocol = Protocol(sessions=args.sessions, aggregate=args.aggregate)
     if args.estimate:
         estimate = estimate_build_seconds(space, target, resolution=resolution, num_classes=num_classes,

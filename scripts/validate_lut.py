@@ -13,26 +13,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
-from nas.cli import ArgumentParser, add_target_arguments
+from nas.cli import ArgumentParser, add_table_arguments, parse_with_progress, table_arguments
 from nas.errors import exit_on_user_error
-from nas.latency.build import default_num_classes
 from nas.latency.machine import ADAPT_MODES, BUDGET_S, table_for_machine
 from nas.latency.table import LatencyTable
-from nas.latency.targets import get_target
 from nas.latency.validate import VALIDATION_PASSES, format_summary, plot_validation, validate_table
-from nas.space import load_space
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__)
-    add_target_arguments(p)
+    add_table_arguments(p)
     p.add_argument("--table", help="latency table (default: the build_lut.py default name for these settings)")
-    p.add_argument("--resolution", type=int, help="input resolution (default: the space's)")
-    p.add_argument("--num-classes", type=int, help="classifier width (default 1000 at >= 224 px, else 10)")
     p.add_argument("--n", type=int, default=100, help="held-out networks to measure (default 100)")
     p.add_argument("--seed", type=int, default=1, help="random.Random seed of the networks (default 1)")
     p.add_argument("--passes", type=int, default=VALIDATION_PASSES,
@@ -45,18 +39,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", help="write the summary and per-network rows here")
     p.add_argument("--plot", help="predicted-vs-measured PNG (default: the --json file with .png, else "
                                   "<table name>-validation.png here)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    return parse_with_progress(p, argv)
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    target = get_target(args.target, args.threads, args.batch)
-    space = load_space(args.space)
-    resolution = args.resolution or space.resolution
-    num_classes = args.num_classes or default_num_classes(resolution)
+    target, space, resolution, num_classes = table_arguments(args)
     table, provenance = table_for_machine(space, target, resolution=resolution, num_classes=num_classes,
                                           table=args.table, budget_s=args.budget_s, adapt=args.adapt)
     compare, exclude = {}, frozenset()

@@ -14,8 +14,8 @@ from nas.data import load_dataset
 from nas.errors import NasError
 from nas.fidelity import Fidelity
 from nas.space import load_space
-from nas.train import (LEGACY_RECIPE, Recipe, TrainRecord, default_recipe, evaluate, resolve_hparams, seed_agreement,
-                       train_candidate, train_records, validate, warmup_cosine)
+from nas.train import (Recipe, default_recipe, evaluate, resolve_hparams, seed_agreement, train_candidate, validate,
+                       warmup_cosine)
 
 TINY = Fidelity(epochs=2, fraction=0.2, resolution=16)
 HP = {"optimizer": "sgd", "lr": 0.05, "batch_size": 32}
@@ -199,21 +199,6 @@ def test_seed_agreement_counts_diverging_runs_and_rank_agreement():
     assert same["kendall_between_seeds"] == 1.0 and same["outlier_runs"] == 0
     flipped = seed_agreement(np.array([[0.9, 0.5], [0.5, 0.9], [0.7, 0.7]]))
     assert flipped["kendall_between_seeds"] < 0
-
-
-def test_train_records_journal_resumes_without_retraining(tmp_path, tiny_arch):
-    journal = tmp_path / "runs.jsonl"
-    fidelity, recipe = Fidelity(1, 0.1, 16), Recipe(batch_size=32)
-    first = train_records([tiny_arch], [0], fidelity, "digits", recipe, workers=1, journal=journal, log=lambda _: None)
-    assert len(first) == 1 and first[0].error is None and 0 <= first[0].test_accuracy <= 1
-    lines = []
-    both = train_records([tiny_arch], [0, 1], fidelity, "digits", recipe, workers=1, journal=journal, log=lines.append)
-    assert lines[0].startswith("1 of 2 trainings already journalled")
-    assert both[0] == first[0] and both[1].seed == 1 and len(journal.read_text().splitlines()) == 2
-    assert TrainRecord.from_dict(json.loads(journal.read_text().splitlines()[1])) == both[1]
-    journal.write_text("not json\n")
-    with pytest.raises(NasError, match="runs.jsonl:1: not a training record"):
-        train_records([tiny_arch], [0], fidelity, "digits", recipe, journal=journal, log=lambda _: None)
 
 
 def test_warmup_then_cosine_to_zero():
