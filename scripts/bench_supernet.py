@@ -12,6 +12,10 @@ candidate, of:
   predictor    fitted on supernet accuracies of --predictor-archs other random subnets
   scratch_rung the search's old first rung: 3 epochs on 2/3 of the data, 1 seed, each candidate with
                its own sampled hyperparameters (the search's setting before the fixed recipe)
+  recipe_rung  the scratch evaluator's first rung today: the fixed recipe's ladder (eta 3, 2 rungs),
+               1 seed (trained here, journalled)
+  one_seed     the scratch evaluator's top rung: one seed of the full recipe (the truth's seed 0 against
+               the mean of its other seeds, so that it is not ranked against itself)
   params, flops  the naive predictors
 and, with --finetune K, whether fine-tuning a subnet extracted from the supernet (BatchNorm
 recalibrated) with the same recipe and budget is at least as good as training it from scratch: the
@@ -78,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.truth_only:
         return 0
     report = evaluate_all(space, truth, args.supernet_dir or work / f"{space.name}-supernet", args.predictor_archs,
-                          args.finetune)
+                          args.finetune, args.journal or work / f"{space.name}-trainings.jsonl", args.workers)
     report["command"] = " ".join(["python", "scripts/bench_supernet.py", *(argv if argv is not None else sys.argv[1:])])
     print_table(report)
     if args.json:
@@ -118,7 +122,7 @@ def collect_truth(space, args, journal: Path, out: Path) -> dict:
     archs = [space.decode(p, resolution=RESOLUTION) for p in points]
     recipe = default_recipe(DATA)
     fidelity = recipe.fidelity(RESOLUTION)
-    log = lambda line: print("truth: " + line, flush=True)  # noqa: E731
+    log = lambda line: print("truth: " + line, flush=True)
     log(f"{len(archs)} subnets x {args.seeds} seeds, {fidelity.epochs} epochs at {RESOLUTION} px, recipe {recipe.to_dict()}")
     runs = train_seeds(archs, range(args.seeds), fidelity, DATA, [recipe] * len(archs), journal=journal,
                        workers=args.workers, label="truth", log=log)
@@ -176,7 +180,28 @@ def rank_quality(scores, truth) -> dict:
             "spearman": round(float(spearmanr(scores, truth).statistic), 3)}
 
 
-def evaluate_all(space, truth: dict, supernet_dir: Path, predictor_archs: int, finetune: int) -> dict:
+def recipe_rung(truth: dict, journal: Path, workers: int) -> dict:
+    """The scratch evaluator's first rung with the fixed recipe, seed 0, on the truth's subnets."""
+    import numpy as np
+
+    from nas.arch import Arch
+    from nas.fidelity import Fidelity, ladder
+    from nas.finals import train_seeds
+    from nas.train import Recipe
+
+    recipe = Recipe.from_dict(truth["recipe"])
+    rung = ladder(Fidelity.from_dict(truth["fidelity"]), eta=3, rungs=2)[0]
+    archs = [Arch.parse(row["arch"]) for row in truth["archs"]]
+    log = lambda line: print("recipe rung: " + line, flush=True)
+    runs = train_seeds(archs, [0], rung, DATA, [recipe] * len(archs), journal=journal, workers=workers,
+                       label="recipe-rung", log=log)
+    return {"val": [0.0 if r.val_accuracy is None else r.val_accuracy for (r,) in runs],
+            "cpu_seconds_per_candidate": float(np.mean([r.cpu_seconds or 0.0 for (r,) in runs])),
+            "fidelity": rung.to_dict(), "failed": sum(r.error is not None for (r,) in runs)}
+
+
+def evaluate_all(space, truth: dict, supernet_dir: Path, predictor_archs: int, finetune: int, journal: Path,
+                 workers: int) -> dict:
     import numpy as np
 
     from nas.arch import Arch
@@ -207,6 +232,14 @@ def evaluate_all(space, truth: dict, supernet_dir: Path, predictor_archs: int, f
         "cpu_seconds_per_candidate": float(np.mean([row["scratch_rung"]["cpu_seconds"] for row in rows])),
         "fidelity": truth["scratch_rung_fidelity"], "failed": sum(a is None for a in rung)}
 
+    # the scratch evaluator today: its first rung, and one seed of its top rung (the full recipe)
+    today = recipe_rung(truth, journal, workers)
+    evaluators["recipe_rung"] = {**rank_quality(today.pop("val"), target), **today}
+    seed0 = [0.0 if row[truth["split"]][0] is None else row[truth["split"]][0] for row in rows]
+    others = np.nan_to_num([np.nanmean([np.nan if a is None else a for a in row[truth["split"]][1:]]) for row in rows])
+    evaluators["one_seed"] = {**rank_quality(seed0, others),
+                              "cpu_seconds_per_candidate": float(np.mean([row["cpu_seconds"][0] or 0.0 for row in rows]))}
+
     # the supernet: trained once (or found trained), then every candidate scored with inherited weights
     from nas.supernet.checkpoint import read_meta
 
@@ -221,6 +254,7 @@ def evaluate_all(space, truth: dict, supernet_dir: Path, predictor_archs: int, f
     supernet_acc = evaluator.accuracy_many(archs)
     supernet_cpu = (time.process_time() - start) / n
     evaluators["supernet"] = {**rank_quality(supernet_acc, target), "cpu_seconds_per_candidate": supernet_cpu,
+                              "mean_accuracy": round(float(np.mean(supernet_acc)), 4),
                               "setup_seconds": train_seconds, "recipe": net.meta.recipe}
 
     # evaluations per second on fresh subnets (none of the truth's), and the predictor fitted on them
@@ -296,7 +330,7 @@ def print_table(report: dict) -> None:
           f"Kendall between single seeds {report['truth_kendall_between_seeds']}")
     print(f"supernet training {report['train_seconds']:.0f} s; {report['evals_per_second']} supernet evaluations/s\n")
     print("| evaluator | Kendall tau | Spearman rho | CPU-s per candidate |\n|---|---|---|---|")
-    for name in ("supernet", "predictor", "scratch_rung", "params", "flops"):
+    for name in ("supernet", "predictor", "scratch_rung", "recipe_rung", "one_seed", "params", "flops"):
         ev = report["evaluators"][name]
         print(f"| {name} | {ev['kendall']:.3f} | {ev['spearman']:.3f} | {ev['cpu_seconds_per_candidate']:.3g} |")
     if "finetune" in report:
