@@ -46,7 +46,7 @@ class SearchConfig:
     data: str = field(default="digits", metadata=option("digits, cifar10:PATH or imagefolder:PATH"))
     resolution: int | None = field(default=None, metadata=option(
         "input resolution of search, latency and export (default: the space's)"))
-    evaluator: str = field(default="supernet", metadata=option(
+    evaluator: str = field(default="scratch", metadata=option(
         "where a candidate's accuracy comes from: supernet (weights inherited from one trained supernet, "
         "BN recalibrated), predictor (a model fitted on supernet accuracies) or scratch (short training "
         "with successive halving)", choices=EVALUATORS))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -154,6 +155,32 @@ def cheapest(space: SearchSpace, measure: Measure, metric: str, max_passes: int 
         if not improved:
             break
     return params, best
+
+
+def spread_points(space: SearchSpace, measure: Measure, metric: str, high: float, n: int, seed: int,
+                  pool: int = 4000) -> list[dict[str, Any]]:
+    """``n`` points whose ``metric`` spreads evenly on a log scale from the cheapest point's value to
+    ``high``: the cheapest point itself, then for each target value the nearest point of a pool of random
+    samples and short random mutation walks from the cheapest point (random samples alone seldom come
+    near it). Ordered by ``metric``; deterministic for a seed."""
+    rng = random.Random(seed)
+    start, low = cheapest(space, measure, metric)
+    candidates = [space.sample(rng) for _ in range(pool // 2)]
+    for _ in range(pool - pool // 2):
+        point = start
+        for _ in range(rng.randint(1, 8)):
+            point = space.mutate(point, rng)
+        candidates.append(point)
+    scored = [(math.log(v), p) for p in candidates if 0 < (v := _metric(measure(p), metric)) <= high]
+    chosen, seen = [(math.log(low), start)], {space.decode(start).to_string()}
+    for j in range(1, n if high > low else 1):
+        target = math.log(low) + (math.log(high) - math.log(low)) * j / (n - 1)
+        for value, point in sorted(scored, key=lambda item: abs(item[0] - target)):
+            if space.decode(point).to_string() not in seen:
+                chosen.append((value, point))
+                seen.add(space.decode(point).to_string())
+                break
+    return [point for _, point in sorted(chosen, key=lambda item: item[0])][:n]
 
 
 def check_reachable(space: SearchSpace, measure: Measure, limits: Limits) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+import random
 import sys
 import time
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from nas.trial import COMPLETE, Trial
 
 Log = Callable[[str], None]
 PREDICTOR_SAMPLES = 500  # random subnets scored on the supernet to fit the accuracy predictor
+START_POINTS = 8  # first candidates of the search, spread over the latency window
 
 
 def default_run_dir(config: SearchConfig, space: SearchSpace) -> Path:
@@ -78,6 +80,17 @@ class Candidate:
     accuracy_source: str | None = None
     predicted_latency_ms: float | None = None
     hparams: dict[str, Any] = dataclasses.field(default_factory=dict)  # searched ones (--search-hparams)
+
+
+@dataclass(frozen=True)
+class SearchWindow:
+    """Where the search looks: below ``limit_ms`` (the user's latency limit, else the slowest baseline's
+    measured latency / 1.8, beyond which no point can decide a verdict; None: anywhere), starting from
+    ``start_points`` spread from the fastest network of the space up to the limit."""
+
+    limit_ms: float | None
+    start_points: tuple[dict[str, Any], ...]
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -132,9 +145,45 @@ def latency_model(setup: Setup, log: Log) -> LatencyModel:
     return LatencyModel(table, provenance.to_dict(), setup.data.num_classes)
 
 
-def objective(setup: Setup, latency: LatencyModel) -> tuple[Objective, Limits]:
+def search_window(setup: Setup, latency: LatencyModel, log: Log) -> SearchWindow:
+    """Measure the baselines end to end (before anything trains) and put the search where a front
+    point can beat one of them by the bar; a user's --latency-limit-ms takes the place of that bound.
+    The bound is kept in ``window.json``, so that a resumed run searches the same window."""
+    from nas.objectives import cheapest, spread_points
+
     c = setup.config
-    limits = Limits(c.latency_limit_ms, c.flops_limit, c.params_limit)
+    path = setup.run_dir / "window.json"
+
+    def costs(params: dict[str, Any]) -> dict[str, Any]:
+        return {"latency_ms": latency.predict(setup.space.decode(params))}
+
+    if path.exists():
+        saved = json.loads(path.read_text())
+        limit, reason = saved["limit_ms"], saved["reason"]
+    elif c.latency_limit_ms is not None:
+        limit, reason = c.latency_limit_ms, f"--latency-limit-ms {c.latency_limit_ms:g}"
+    else:
+        slowest = max(measure(setup, baselines(setup), log), key=lambda m: m.latency_ms)
+        limit = slowest.latency_ms / MNASNET_SPEEDUP
+        reason = f"the slowest baseline, {slowest.candidate.name} at {slowest.latency_ms:.4f} ms, / {MNASNET_SPEEDUP:g}"
+        fastest = cheapest(setup.space, costs, "latency_ms")[1]
+        if fastest > limit:
+            log(f"no network of {setup.space.source} is predicted faster than {limit:.4f} ms ({reason}; the fastest: "
+                f"{fastest:.4f} ms): searching the whole space")
+            limit, reason = None, "none: no network of the space can beat a baseline by the bar"
+    path.write_text(json.dumps({"limit_ms": limit, "reason": reason}))
+    rng = random.Random(c.seed)
+    high = limit if limit is not None else max(costs(setup.space.sample(rng))["latency_ms"] for _ in range(200))
+    points = spread_points(setup.space, costs, "latency_ms", high, START_POINTS, c.seed)
+    spread = [costs(p)["latency_ms"] for p in points]
+    log(f"search window: latency below {'-' if limit is None else f'{limit:.4f} ms'} ({reason}); "
+        f"{len(points)} start points predicted at {min(spread):.4f}-{max(spread):.4f} ms")
+    return SearchWindow(limit, tuple(points), reason)
+
+
+def objective(setup: Setup, latency: LatencyModel, window: SearchWindow) -> tuple[Objective, Limits]:
+    c = setup.config
+    limits = Limits(window.limit_ms, c.flops_limit, c.params_limit)
 
     def costs(params: dict[str, Any]) -> dict[str, Any]:
         arch = setup.space.decode(params)
@@ -184,11 +233,12 @@ def accuracy_evaluator(setup: Setup, log: Log):
     return EvaluatorExecutor(lambda archs, points: predictor.predict_many(points), "predictor")
 
 
-def search(setup: Setup, latency: LatencyModel, goal: Objective, limits: Limits, evaluator, log: Log) -> list[Trial]:
+def search(setup: Setup, latency: LatencyModel, goal: Objective, limits: Limits, window: SearchWindow, evaluator,
+           log: Log) -> list[Trial]:
     from nas.search import LoopSettings, Search
 
     settings = LoopSettings.from_config(setup.config, objective=goal, limits=limits, top=scratch_fidelity(setup),
-                                        num_classes=setup.data.num_classes)
+                                        num_classes=setup.data.num_classes, start_points=window.start_points)
     return Search(setup.space, settings, setup.run_dir, latency.predict, log, evaluator).run()
 
 
@@ -335,9 +385,10 @@ def run_main_job(config: SearchConfig, out: str | Path | None = None, log: Log |
     setup = prepare(config, out, log)
     c = setup.config
     latency = latency_model(setup, log)
-    goal, limits = objective(setup, latency)
+    window = search_window(setup, latency, log)
+    goal, limits = objective(setup, latency, window)
     evaluator = accuracy_evaluator(setup, log)
-    trials = search(setup, latency, goal, limits, evaluator, log)
+    trials = search(setup, latency, goal, limits, window, evaluator, log)
     front = select_front(setup, trials)
     if not front:
         raise NasError(f"{setup.run_dir}: no candidate finished its evaluation; raise --trials")
@@ -373,6 +424,8 @@ def run_main_job(config: SearchConfig, out: str | Path | None = None, log: Log |
         f"- evaluator: {c.evaluator}; strategy: {c.strategy}; objectives: {c.objectives}; data: {c.data} "
         f"(train / validation / test: {len(setup.data.train)} / {len(setup.data.val)} / {len(setup.data.test)} "
         f"images); seed {c.seed}",
+        f"- search window: latency below {'-' if window.limit_ms is None else f'{window.limit_ms:.4f} ms'} "
+        f"({window.reason}), {len(window.start_points)} start points spread from the space's fastest network up",
         f"- candidates evaluated: {len(trials)}; front points measured: {len(front)}, trained: {len(points)}"
         + (f" (not trained, too slow to beat any baseline by the bar: {', '.join(skipped)})" if skipped else ""),
         f"- final trainings: {final_fidelity(setup).epochs} epochs, {c.final_seeds} seeds each, the same recipe "

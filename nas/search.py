@@ -33,7 +33,7 @@ from nas.journal import Journal, Replay
 from nas.objectives import Limits, Objective
 from nas.pareto import crowding_distance, non_dominated_sort
 from nas.space import SearchSpace
-from nas.strategies import Exhausted, make_strategy
+from nas.strategies import Exhausted, WarmStart, make_strategy
 from nas.trial import COMPLETE, FAIL, PRUNED, Trial
 
 MAX_CONSECUTIVE_REJECTS = 1000  # duplicates or limit violations in a row before giving up
@@ -63,10 +63,11 @@ class LoopSettings:
     seed: int = 0
     search_hparams: bool = True  # train with the space's hyperparameters; False: the fixed training recipe
     round_size: int | None = None  # candidates per round; None: what successive halving needs
+    start_points: tuple[dict[str, Any], ...] = ()  # proposed before the strategy's own (nas.strategies.WarmStart)
 
     @classmethod
     def from_config(cls, config: SearchConfig, *, objective: Objective, limits: Limits, top: Fidelity,
-                    num_classes: int) -> "LoopSettings":
+                    num_classes: int, start_points: tuple[dict[str, Any], ...] = ()) -> "LoopSettings":
         """The loop's view of the main job's configuration: evaluated without training (supernet,
         predictor), a candidate has one rung and rounds are large enough to evaluate in batches."""
         scratch = config.evaluator == "scratch"
@@ -76,7 +77,7 @@ class LoopSettings:
                    scheduler=config.scheduler if scratch else "halving", num_classes=num_classes,
                    workers=config.workers, executor=config.executor, ray_address=config.ray_address,
                    seed=config.seed, search_hparams=config.search_hparams,
-                   round_size=None if scratch else EVALUATION_ROUND)
+                   round_size=None if scratch else EVALUATION_ROUND, start_points=start_points)
 
     @property
     def fidelities(self) -> tuple[Fidelity, ...]:
@@ -134,6 +135,8 @@ class Search:
         self.journal = Journal(run_dir)
         self.strategy = make_strategy(settings.strategy, space, settings.seed, settings.objective.n_objectives,
                                       **settings.strategy_options)
+        if settings.start_points:
+            self.strategy = WarmStart(self.strategy, list(settings.start_points))
         self.halving = SuccessiveHalving(settings.fidelities, settings.eta)
         self.rank = rank_key(settings.objective)
         self.trials: list[Trial] = []  # finished, trained (not cached) trials in finishing order

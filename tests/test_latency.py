@@ -27,7 +27,7 @@ import pytest
 from nas.blocks import resolve
 from nas.errors import NasError
 from nas.references import reference
-from nas.latency import build, measure, validate
+from nas.latency import build, measure
 from nas.latency.build import build_table, sample_archs
 from nas.export import export_onnx
 from nas.latency.measure import (BusyMonitor, Measurement, Protocol, faster, measure_archs, measure_models,

@@ -12,7 +12,8 @@ from nas.config import RUN_FORMAT, SearchConfig, add_config_arguments, check_res
 from nas.errors import NasError
 from nas.report import Point, verdicts
 
-ARGS = ("--target", "cpu", "--space", "search_spaces/tiny.yaml", "--supernet-epochs", "2", "--trials", "48",
+ARGS = ("--target", "cpu", "--space", "search_spaces/tiny.yaml", "--evaluator", "supernet", "--supernet-epochs", "2",
+        "--trials", "48",
         "--final-epochs", "2", "--final-seeds", "2", "--front-size", "3", "--baselines", "0.35,1.0",
         "--workers", "1", "--seed", "1")
 
@@ -29,8 +30,8 @@ def run(tmp_path_factory):
 def test_run_folder_holds_everything(run):
     out, result = run
     assert f"run folder: {out}" in result.stdout
-    for name in ("config.json", "trials.jsonl", "finals.jsonl", "measured.json", "best.json", "best.onnx",
-                 "pareto.json", "pareto.png", "report.md", "manifest.json", "supernet"):
+    for name in ("config.json", "window.json", "trials.jsonl", "finals.jsonl", "measured.json", "best.json",
+                 "best.onnx", "pareto.json", "pareto.png", "report.md", "manifest.json", "supernet"):
         assert (out / name).exists(), name
     trials = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
     assert len(trials) == 48 and all(t["metrics"]["accuracy_source"] == "supernet" for t in trials)
@@ -65,6 +66,27 @@ def test_run_folder_holds_everything(run):
 
 
 @pytest.mark.slow
+def test_default_search_trains_from_scratch_inside_the_window_from_the_fastest_network_up(tmp_path):
+    """The default evaluator is short training from scratch; the search stays below the slowest baseline's
+    measured latency / 1.8 and starts from points spread from the space's fastest network upwards."""
+    out = tmp_path / "scratch"
+    result = run_script("search.py", "--target", "cpu", "--space", "search_spaces/tiny.yaml", "--trials", "10",
+                        "--epochs", "1", "--final-epochs", "1", "--final-seeds", "2", "--front-size", "2",
+                        "--baselines", "0.35,1.0", "--workers", "1", "--seed", "2", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "config.json").read_text())["evaluator"] == "scratch"
+    window = json.loads((out / "window.json").read_text())
+    slowest = float(window["reason"].split(" at ")[1].split(" ms")[0])
+    assert window["limit_ms"] == pytest.approx(slowest / 1.8, rel=1e-3)
+    trials = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    assert len(trials) == 10 and all(t["metrics"]["predicted_latency_ms"] <= window["limit_ms"] for t in trials)
+    by_number = sorted(trials, key=lambda t: t["number"])
+    start = [t["metrics"]["predicted_latency_ms"] for t in by_number[:8]]
+    assert start == sorted(start) and start[0] == min(t["metrics"]["predicted_latency_ms"] for t in trials)
+    assert "search window: latency below" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
 def test_same_command_resumes_without_redoing_anything(run):
     out, _ = run
     before = {name: (out / name).read_text() for name in ("trials.jsonl", "finals.jsonl", "measured.json")}
@@ -84,7 +106,7 @@ def test_interrupted_final_phase_resumes_where_it_stopped(run, tmp_path):
 
     full, _ = run
     out = tmp_path / "tiny"
-    args = dict(space="search_spaces/tiny.yaml", supernet_epochs=2, trials=48, final_epochs=2, final_seeds=2,
+    args = dict(space="search_spaces/tiny.yaml", evaluator="supernet", supernet_epochs=2, trials=48, final_epochs=2, final_seeds=2,
                 front_size=3, baselines=(0.35, 1.0), workers=1, seed=1)
     lines = []
 
@@ -156,7 +178,7 @@ def test_a_run_folder_of_an_older_version_is_refused_with_the_way_out(tmp_path):
     (("--trials", "0"), "--trials"),
     (("--data", "cifar10:/no/such/folder"), "/no/such/folder"),
     (("--evaluator", "oracle"), "--evaluator"),
-    (("--search-hparams",), "--search-hparams"),
+    (("--search-hparams", "--evaluator", "supernet"), "--search-hparams"),
     (("--final-seeds", "0"), "--final-seeds"),
     (("--baselines", "0,1"), "--baselines"),
     (("--target", "tpu"), "tpu"),
@@ -177,7 +199,7 @@ def test_help_states_each_default_once():
     assert result.returncode == 0
     text = " ".join(result.stdout.split())  # argparse wraps lines
     assert "(default: None)" not in text
-    assert "(default: cpu)" in text and "(default: supernet)" in text
+    assert "(default: cpu)" in text and "(default: scratch)" in text
     assert "(default: the space's) (default" not in text
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from nas.cost import arch_cost
 from nas.errors import NasError
-from nas.objectives import Limits, Objective, check_reachable, cheapest, reward, sample_feasible
+from nas.objectives import Limits, Objective, check_reachable, cheapest, reward, sample_feasible, spread_points
 from nas.space import load_space
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
@@ -132,3 +132,20 @@ def test_sample_feasible_gives_up_after_max_tries_and_says_how_close_it_got(spac
         sample_feasible(space, propose, measure, Limits(flops=1), max_tries=30)
     assert len(seen) == 30
     assert f"flops {min(measure(p)['flops'] for p in seen):.4g} " in str(error.value)
+
+
+def test_spread_points_start_at_the_cheapest_and_climb_evenly_to_the_bound(space):
+    import math
+
+    measure = measure_for(space)
+    _, lowest = cheapest(space, measure, "flops")
+    rng = random.Random(3)
+    high = sorted(measure(space.sample(rng))["flops"] for _ in range(50))[25]  # the median random network
+    points = spread_points(space, measure, "flops", high, 6, seed=0, pool=600)
+    values = [measure(p)["flops"] for p in points]
+    assert values[0] == lowest and all(v <= high for v in values)
+    assert len({space.decode(p).to_string() for p in points}) == len(points) == 6
+    # each point sits near its log-spaced target, and the targets cover the window
+    targets = [math.exp(math.log(lowest) + (math.log(high) - math.log(lowest)) * j / 5) for j in range(6)]
+    assert all(abs(math.log(v / t)) < 0.5 * math.log(high / lowest) / 5 + 0.05 for v, t in zip(values, targets))
+    assert spread_points(space, measure, "flops", high, 6, seed=0, pool=600) == points  # deterministic

@@ -14,7 +14,7 @@ import pytest
 from nas.cost import arch_cost
 from nas.errors import NasError
 from nas.space import load_space
-from nas.strategies import STRATEGIES, Exhausted, make_strategy, strategy_options
+from nas.strategies import STRATEGIES, Exhausted, WarmStart, make_strategy, strategy_options
 from nas.strategies.base import discretise
 from nas.trial import COMPLETE, FAIL, PRUNED, Trial
 
@@ -327,3 +327,22 @@ def test_rl_learns_a_rewarded_choice():
         picks.append(params["s1.op"] == "ir")
         rl.tell(Trial(number, params, "", COMPLETE, (float(picks[-1]),)))
     assert sum(picks[-30:]) >= 28
+
+
+@pytest.mark.parametrize("name", ["random", "evolution", "nsga2", "tpe", "rl"])
+def test_warm_start_proposes_its_points_first_and_the_strategy_learns_from_them(name, space):
+    """The main job starts every strategy from points spread over the latency window: they come first,
+    in order; then the strategy proposes, having been told their results, and a replay repeats it all."""
+    rng = random.Random(11)
+    points = [space.sample(rng) for _ in range(5)]
+    warm = WarmStart(build(name, space, seed=2), points)
+    journal = run(warm, space, n=BUDGET, seed=4)
+    assert asks(journal)[:5] == points and len(asks(journal)) == BUDGET
+    replay = WarmStart(build(name, space, seed=2), points)
+    for event, item in journal:
+        if event == "ask":
+            assert replay.ask() == item
+        else:
+            replay.tell(item)
+    cold = asks(run(build(name, space, seed=2), space, n=BUDGET, seed=4))
+    assert asks(journal)[5:] != cold[5:]  # the strategy saw other results, or started later in its stream

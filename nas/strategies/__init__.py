@@ -11,7 +11,7 @@ from typing import Any
 
 from nas.errors import NasError
 from nas.space import SearchSpace
-from nas.strategies.base import Exhausted, Strategy
+from nas.strategies.base import Exhausted, Strategy, WarmStart
 from nas.strategies.evolution import RegularizedEvolution
 from nas.strategies.grid import GridSearch
 from nas.strategies.nsga2 import NSGA2
@@ -23,7 +23,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls for cls in (RandomSearch, GridSearch, RegularizedEvolution, NSGA2, RLController, TPE, GP)
 }
 
-__all__ = ["STRATEGIES", "Exhausted", "Strategy", "make_strategy", "strategy_options"]
+__all__ = ["STRATEGIES", "Exhausted", "Strategy", "WarmStart", "make_strategy", "strategy_options"]
 
 
 def strategy_options(name: str) -> dict[str, Any]:

@@ -128,3 +128,27 @@ def check_option(strategy: str, option: str, value: Any, ok: bool, requirement: 
     """Reject a bad strategy option with one line that echoes it."""
     if not ok:
         raise NasError(f"strategy {strategy!r}: option {option} should be {requirement} instead of {value!r}")
+
+
+class WarmStart:
+    """``points`` first, in order, then whatever ``strategy`` proposes; every result goes to ``strategy``,
+    which learns from the start points as from its own asks (every Strategy accepts trials it did not
+    ask for). Deterministic, so replaying a journal re-proposes the same points."""
+
+    def __init__(self, strategy: Strategy, points: list[Params]):
+        self.strategy = strategy
+        self.points = [dict(p) for p in points]
+        self.used = 0
+
+    @property
+    def name(self) -> str:
+        return self.strategy.name
+
+    def ask(self) -> Params:
+        if self.used < len(self.points):
+            self.used += 1
+            return dict(self.points[self.used - 1])
+        return self.strategy.ask()
+
+    def tell(self, trial: Trial) -> None:
+        self.strategy.tell(trial)
