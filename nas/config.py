@@ -3,7 +3,7 @@ command-line options of ``scripts/search.py`` (the parser is generated from its 
 next to the results.
 
 Defaults are chosen so that ``python scripts/search.py --target cpu`` finishes within 15 minutes on a
-2-core CPU on the embedded digits data, supernet training and the final 3-seed trainings included.
+2-core CPU on the embedded digits data, table adaptation and the final 3-seed trainings included.
 """
 
 from __future__ import annotations

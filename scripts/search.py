@@ -3,8 +3,10 @@
     python scripts/search.py --target cpu
 
 runs the whole job on the embedded digits data with search_spaces/mnasnet.yaml: adapts the latency
-table to this machine, trains a weight-sharing supernet, searches, measures the front and the
-MobileNetV2 baselines end to end, trains them all with one recipe and several seeds, reports test
+table to this machine, measures the MobileNetV2 baselines, searches below the slowest one's latency /
+1.8 (training candidates briefly, or with --evaluator supernet scoring them on a weight-sharing
+supernet), measures the front and the baselines end to end, trains them all with one recipe and
+several seeds, reports test
 accuracy with error bars and the verdicts, and exports the winner. It writes runs/<name>/ (printed at
 the end). Running the same command again resumes an interrupted run.
 """
