@@ -149,7 +149,7 @@ def search_window(setup: Setup, latency: LatencyModel, log: Log) -> SearchWindow
     """Measure the baselines end to end (before anything trains) and put the search where a front
     point can beat one of them by the bar; a user's --latency-limit-ms takes the place of that bound.
     The bound is kept in ``window.json``, so that a resumed run searches the same window."""
-    from nas.objectives import cheapest, spread_points
+    from nas.objectives import spread_points
 
     c = setup.config
     path = setup.run_dir / "window.json"
@@ -166,15 +166,18 @@ def search_window(setup: Setup, latency: LatencyModel, log: Log) -> SearchWindow
         slowest = max(measure(setup, baselines(setup), log), key=lambda m: m.latency_ms)
         limit = slowest.latency_ms / MNASNET_SPEEDUP
         reason = f"the slowest baseline, {slowest.candidate.name} at {slowest.latency_ms:.4f} ms, / {MNASNET_SPEEDUP:g}"
-        fastest = cheapest(setup.space, costs, "latency_ms")[1]
-        if fastest > limit:
+    if limit is not None:  # the first point is the space's fastest network
+        points = spread_points(setup.space, costs, "latency_ms", limit, START_POINTS, c.seed)
+        fastest = costs(points[0])["latency_ms"]
+        if fastest > limit:  # only the baselines' bound can be out of reach: a user's limit failed earlier
             log(f"no network of {setup.space.source} is predicted faster than {limit:.4f} ms ({reason}; the fastest: "
                 f"{fastest:.4f} ms): searching the whole space")
             limit, reason = None, "none: no network of the space can beat a baseline by the bar"
     path.write_text(json.dumps({"limit_ms": limit, "reason": reason}))
-    rng = random.Random(c.seed)
-    high = limit if limit is not None else max(costs(setup.space.sample(rng))["latency_ms"] for _ in range(200))
-    points = spread_points(setup.space, costs, "latency_ms", high, START_POINTS, c.seed)
+    if limit is None:
+        rng = random.Random(c.seed)
+        high = max(costs(setup.space.sample(rng))["latency_ms"] for _ in range(200))
+        points = spread_points(setup.space, costs, "latency_ms", high, START_POINTS, c.seed)
     spread = [costs(p)["latency_ms"] for p in points]
     log(f"search window: latency below {'-' if limit is None else f'{limit:.4f} ms'} ({reason}); "
         f"{len(points)} start points predicted at {min(spread):.4f}-{max(spread):.4f} ms")
