@@ -21,7 +21,7 @@ from nas.errors import NasError
 
 SCHEDULERS = ("halving", "hyperband", "asha")  # --scheduler: see nas.search
 EVALUATORS = ("supernet", "predictor", "scratch")  # --evaluator: where a candidate's accuracy comes from
-RUN_FORMAT = 2  # run folders written by another format cannot be resumed: config.json records it
+RUN_FORMAT = 3  # run folders written by another format cannot be resumed: config.json records it
 
 # The search with supernet accuracy scores thousands of candidates, so evolution gets a population of
 # its textbook size; trained from scratch, a run sees a few dozen candidates and evolves after 8.

@@ -9,6 +9,7 @@ latency targets).
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 import random
@@ -44,6 +45,10 @@ def _metric(metrics: Mapping[str, Any], name: str) -> float:
 class Objective:
     """``kind='reward'``: one value, the MnasNet reward with ``target_ms``, ``alpha`` and ``beta``.
     ``kind='pareto'``: accuracy, then each metric of ``minimise`` negated (default: latency).
+
+    ``latency_bands`` (pareto only, ascending ms): latency counts by the band it falls in, not by its
+    value: -(number of bounds below it). The main job's bands are the baselines' bars, so that a search
+    compares candidates by accuracy among those that beat the same baselines on latency.
     """
 
     kind: str = "reward"
@@ -51,10 +56,17 @@ class Objective:
     alpha: float = REWARD_PRESETS["soft"][0]
     beta: float = REWARD_PRESETS["soft"][1]
     minimise: tuple[str, ...] = ("latency_ms",)
+    latency_bands: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise NasError(f"objective should be one of {list(KINDS)} instead of {self.kind!r}")
+        object.__setattr__(self, "latency_bands", tuple(self.latency_bands))
+        bands = self.latency_bands
+        if bands and (self.kind != "pareto" or "latency_ms" not in self.minimise or list(bands) != sorted(set(bands))
+                      or not bands[0] > 0):
+            raise NasError(f"latency bands should be ascending positive bounds of a Pareto objective on latency_ms "
+                           f"instead of {list(bands)}")
         if self.kind == "reward" and (self.target_ms is None or not self.target_ms > 0):
             raise NasError(f"the reward needs a positive latency target in ms instead of {self.target_ms!r}")
         object.__setattr__(self, "minimise", tuple(self.minimise))
@@ -78,7 +90,16 @@ class Objective:
         """One label per value, costs marked as negated: ('accuracy', '-latency_ms')."""
         if self.kind == "reward":
             return ("reward",)
-        return ("accuracy", *(f"-{name}" for name in self.minimise))
+        return ("accuracy", *(f"-{self._cost_name(name)}" for name in self.minimise))
+
+    def _cost_name(self, name: str) -> str:
+        return "latency_band" if name == "latency_ms" and self.latency_bands else name
+
+    def _cost(self, metrics: Mapping[str, Any], name: str) -> float:
+        value = _metric(metrics, name)
+        if name == "latency_ms" and self.latency_bands:
+            return float(bisect.bisect_left(self.latency_bands, value))
+        return value
 
     @property
     def n_objectives(self) -> int:
@@ -89,11 +110,12 @@ class Objective:
         accuracy = _metric(metrics, "accuracy")
         if self.kind == "reward":
             return (reward(accuracy, _metric(metrics, "latency_ms"), self.target_ms, self.alpha, self.beta),)
-        return (accuracy, *(-_metric(metrics, name) for name in self.minimise))
+        return (accuracy, *(-self._cost(metrics, name) for name in self.minimise))
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["minimise"] = list(self.minimise)
+        data["latency_bands"] = list(self.latency_bands)
         return data
 
     @classmethod

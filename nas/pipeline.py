@@ -39,6 +39,9 @@ from nas.trial import COMPLETE, Trial
 Log = Callable[[str], None]
 PREDICTOR_SAMPLES = 500  # random subnets scored on the supernet to fit the accuracy predictor
 START_POINTS = 8  # first candidates of the search, spread over the latency window
+# Predicted latency may read this much low end to end (the adapted tables read the fastest networks up
+# to 13% low), so a latency band ends this far below the baseline's bar it stands for.
+BAND_MARGIN = 1.15
 
 
 def default_run_dir(config: SearchConfig, space: SearchSpace) -> Path:
@@ -86,11 +89,14 @@ class Candidate:
 class SearchWindow:
     """Where the search looks: below ``limit_ms`` (the user's latency limit, else the slowest baseline's
     measured latency / 1.8, beyond which no point can decide a verdict; None: anywhere), starting from
-    ``start_points`` spread from the fastest network of the space up to the limit."""
+    ``start_points`` spread from the fastest network of the space up to the limit. ``bands``: the
+    baselines' bars (measured latency / 1.8, less ``BAND_MARGIN``), which cut the window into the
+    latency bands the search compares candidates within (empty under a user's limit)."""
 
     limit_ms: float | None
     start_points: tuple[dict[str, Any], ...]
     reason: str
+    bands: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -157,31 +163,36 @@ def search_window(setup: Setup, latency: LatencyModel, log: Log) -> SearchWindow
     def costs(params: dict[str, Any]) -> dict[str, Any]:
         return {"latency_ms": latency.predict(setup.space.decode(params))}
 
+    bands: tuple[float, ...] = ()
     if path.exists():
         saved = json.loads(path.read_text())
-        limit, reason = saved["limit_ms"], saved["reason"]
+        limit, reason, bands = saved["limit_ms"], saved["reason"], tuple(saved["bands"])
     elif c.latency_limit_ms is not None:
         limit, reason = c.latency_limit_ms, f"--latency-limit-ms {c.latency_limit_ms:g}"
     else:
-        slowest = max(measure(setup, baselines(setup), log), key=lambda m: m.latency_ms)
+        measured = measure(setup, baselines(setup), log)
+        slowest = max(measured, key=lambda m: m.latency_ms)
         limit = slowest.latency_ms / MNASNET_SPEEDUP
         reason = f"the slowest baseline, {slowest.candidate.name} at {slowest.latency_ms:.4f} ms, / {MNASNET_SPEEDUP:g}"
+        bands = tuple(sorted({m.latency_ms / MNASNET_SPEEDUP / BAND_MARGIN for m in measured}))
     if limit is not None:  # the first point is the space's fastest network
         points = spread_points(setup.space, costs, "latency_ms", limit, START_POINTS, c.seed)
         fastest = costs(points[0])["latency_ms"]
         if fastest > limit:  # only the baselines' bound can be out of reach: a user's limit failed earlier
             log(f"no network of {setup.space.source} is predicted faster than {limit:.4f} ms ({reason}; the fastest: "
                 f"{fastest:.4f} ms): searching the whole space")
-            limit, reason = None, "none: no network of the space can beat a baseline by the bar"
-    path.write_text(json.dumps({"limit_ms": limit, "reason": reason}))
+            limit, reason, bands = None, "none: no network of the space can beat a baseline by the bar", ()
+    path.write_text(json.dumps({"limit_ms": limit, "reason": reason, "bands": list(bands)}))
     if limit is None:
         rng = random.Random(c.seed)
         high = max(costs(setup.space.sample(rng))["latency_ms"] for _ in range(200))
         points = spread_points(setup.space, costs, "latency_ms", high, START_POINTS, c.seed)
     spread = [costs(p)["latency_ms"] for p in points]
     log(f"search window: latency below {'-' if limit is None else f'{limit:.4f} ms'} ({reason}); "
-        f"{len(points)} start points predicted at {min(spread):.4f}-{max(spread):.4f} ms")
-    return SearchWindow(limit, tuple(points), reason)
+        f"{len(points)} start points predicted at {min(spread):.4f}-{max(spread):.4f} ms"
+        + (f"; candidates compared within latency bands cut at {', '.join(f'{b:.4f}' for b in bands)} ms"
+           if bands else ""))
+    return SearchWindow(limit, tuple(points), reason, bands)
 
 
 def objective(setup: Setup, latency: LatencyModel, window: SearchWindow) -> tuple[Objective, Limits]:
@@ -196,7 +207,7 @@ def objective(setup: Setup, latency: LatencyModel, window: SearchWindow) -> tupl
     if limits.active():
         check_reachable(setup.space, costs, limits)
     if c.objectives == "pareto":
-        return Objective("pareto"), limits
+        return Objective("pareto", latency_bands=window.bands), limits
     if c.reward == "hard":
         from nas.latency.machine import fastest_reachable_ms
 
@@ -242,6 +253,10 @@ def search(setup: Setup, latency: LatencyModel, goal: Objective, limits: Limits,
 
     settings = LoopSettings.from_config(setup.config, objective=goal, limits=limits, top=scratch_fidelity(setup),
                                         num_classes=setup.data.num_classes, start_points=window.start_points)
+    if goal.latency_bands and settings.strategy == "evolution" and setup.config.strategy_options is None:
+        # a population per latency band, each band's turn one round long (RegularizedEvolution's niches)
+        options = {**settings.strategy_options, "niches": True, "asks_per_niche": settings.batch_size}
+        settings = dataclasses.replace(settings, strategy_options=options)
     return Search(setup.space, settings, setup.run_dir, latency.predict, log, evaluator).run()
 
 

@@ -68,7 +68,8 @@ def test_run_folder_holds_everything(run):
 @pytest.mark.slow
 def test_default_search_trains_from_scratch_inside_the_window_from_the_fastest_network_up(tmp_path):
     """The default evaluator is short training from scratch; the search stays below the slowest baseline's
-    measured latency / 1.8 and starts from points spread from the space's fastest network upwards."""
+    measured latency / 1.8, starts from points spread from the space's fastest network upwards, and
+    compares candidates within the latency bands the baselines' bars cut (the trials' second value)."""
     out = tmp_path / "scratch"
     result = run_script("search.py", "--target", "cpu", "--space", "search_spaces/tiny.yaml", "--trials", "10",
                         "--epochs", "1", "--final-epochs", "1", "--final-seeds", "2", "--front-size", "2",
@@ -84,6 +85,11 @@ def test_default_search_trains_from_scratch_inside_the_window_from_the_fastest_n
     start = [t["metrics"]["predicted_latency_ms"] for t in by_number[:8]]
     assert start == sorted(start) and start[0] == min(t["metrics"]["predicted_latency_ms"] for t in trials)
     assert "search window: latency below" in (out / "report.md").read_text()
+    bands = window["bands"]
+    assert len(bands) == 2 and bands[-1] == pytest.approx(window["limit_ms"] / 1.15, rel=1e-3)
+    for t in trials:
+        below = sum(b < t["metrics"]["predicted_latency_ms"] for b in bands)
+        assert t["values"][1] == -below, t
 
 
 @pytest.mark.slow

@@ -45,9 +45,15 @@ def test_reward_rejects_non_positive_latency():
     (Objective("pareto", minimise=("latency_ms", "flops", "params")),
      {"accuracy": 0.6, "latency_ms": 20.0, "flops": 5e6, "params": 1e4},
      ("accuracy", "-latency_ms", "-flops", "-params"), (0.6, -20.0, -5e6, -1e4)),
+    # latency bands: a bound belongs to the band below it; beyond the last bound is one more band
+    (Objective("pareto", latency_bands=(0.04, 0.06)), {"accuracy": 0.6, "latency_ms": 0.03},
+     ("accuracy", "-latency_band"), (0.6, 0.0)),
+    (Objective("pareto", latency_bands=(0.04, 0.06)), {"accuracy": 0.6, "latency_ms": 0.04}, None, (0.6, 0.0)),
+    (Objective("pareto", latency_bands=(0.04, 0.06)), {"accuracy": 0.6, "latency_ms": 0.05}, None, (0.6, -1.0)),
+    (Objective("pareto", latency_bands=(0.04, 0.06)), {"accuracy": 0.6, "latency_ms": 0.07}, None, (0.6, -2.0)),
 ])
 def test_objective_values(objective, metrics, names, values):
-    assert objective.names == names
+    assert names is None or objective.names == names
     assert objective.n_objectives == len(values)
     assert objective.values(metrics) == pytest.approx(values)
     assert Objective.from_dict(json.loads(json.dumps(objective.to_dict()))) == objective
@@ -60,6 +66,8 @@ def test_objective_values(objective, metrics, names, values):
     (lambda: Objective("pareto", minimise=("energy",)), "'energy'"),
     (lambda: Objective("pareto", minimise=("flops", "flops")), "twice"),
     (lambda: Objective.mnasnet(10.0, "medium"), "'medium'"),
+    (lambda: Objective("pareto", latency_bands=(0.06, 0.04)), r"ascending .* instead of \[0.06, 0.04\]"),
+    (lambda: Objective("pareto", minimise=("flops",), latency_bands=(0.04,)), "on latency_ms"),
     (lambda: Limits(latency_ms=0), "latency_ms limit"),
 ])
 def test_bad_objectives_name_the_value(make, message):

@@ -218,7 +218,8 @@ def test_state_of_another_strategy_or_seed_is_refused(other):
 
 
 def test_strategy_options_lists_defaults():
-    assert strategy_options("evolution") == {"population_size": 20, "sample_size": 5, "crossover_prob": 0.0}
+    assert strategy_options("evolution") == {"population_size": 20, "sample_size": 5, "crossover_prob": 0.0,
+                                             "niches": False, "asks_per_niche": 1}
 
 
 # --- grid ------------------------------------------------------------------------------------
@@ -276,6 +277,35 @@ def test_evolution_ages_out_the_oldest_and_mutates_the_tournament_winner():
     assert [p for p, _ in population] == told[2:]                    # the two oldest were retired
     child = evo.ask()                                                # the whole population competes
     assert sum(child[k] != told[3][k] for k in child) == 1
+
+
+def test_evolution_niches_age_apart_take_turns_and_compare_accuracy_only():
+    """Values (accuracy, -band): the fast band (0) keeps its members however inaccurate they are next to
+    the slow band's, its turn comes first, and each turn lasts asks_per_niche asks."""
+    space = load_space(SPACES / "tiny.yaml")
+    evo = make_strategy("evolution", space, 0, n_objectives=2, population_size=3, sample_size=3, niches=True,
+                        asks_per_niche=2)
+    assert evo.ask() is not None  # random while nothing succeeded
+    rng = random.Random(1)
+    fast = [space.sample(rng) for _ in range(5)]
+    slow = [space.sample(rng) for _ in range(2)]
+    # the fast band's accuracies 0.1..0.5: its best is fast[4] unless aging retired it
+    for number, params in enumerate(fast):
+        evo.tell(Trial(number, params, "", COMPLETE, (0.1 * (number + 1), 0.0)))
+    for number, params in enumerate(slow):
+        evo.tell(Trial(10 + number, params, "", COMPLETE, (0.9 - 0.1 * number, -1.0)))
+    population = evo.state_dict()["population"]
+    assert [p for p, v in population if v[1] == 0.0] == fast[2:]    # three per band, the oldest fast ones gone
+    assert [p for p, v in population if v[1] == -1.0] == slow
+    parents = [fast[4], fast[4], slow[0], slow[0], fast[4]]          # the whole band competes: its best wins
+    for parent in parents:
+        child = evo.ask()
+        assert sum(child[k] != parent[k] for k in child) == 1
+
+
+def test_evolution_niches_need_a_second_objective():
+    with pytest.raises(NasError, match="niches should be true only with two or more objectives"):
+        make_strategy("evolution", load_space(SPACES / "tiny.yaml"), 0, niches=True)
 
 
 # --- NSGA-II ---------------------------------------------------------------------------------

@@ -22,12 +22,19 @@ class RegularizedEvolution(Strategy):
 
     A tournament's winner is drawn uniformly from the sample's non-dominated members, which is the
     best member for one objective (ties drawn) and a Pareto-rank selection for several.
+
+    ``niches=True`` keeps one population per value of the second objective (the main job's latency
+    band, ``Objective.latency_bands``): each niche ages on its own, parents come from one niche at a
+    time in turn (``asks_per_niche`` asks each, one successive-halving round, so that a round's
+    candidates compete with their own kind), and tournaments compare the other objectives only. A
+    niche of fast networks, which score lower at low fidelity, is then never crowded out by slower ones.
+    Random asks come only while no trial has succeeded.
     """
 
     name = "evolution"
 
     def __init__(self, space, seed: int = 0, n_objectives: int = 1, *, population_size: int = 20,
-                 sample_size: int = 5, crossover_prob: float = 0.0):
+                 sample_size: int = 5, crossover_prob: float = 0.0, niches: bool = False, asks_per_niche: int = 1):
         super().__init__(space, seed, n_objectives)
         check_option(self.name, "population_size", population_size,
                      isinstance(population_size, int) and population_size >= 2, "an integer >= 2")
@@ -36,24 +43,41 @@ class RegularizedEvolution(Strategy):
                      f"an integer between 1 and population_size ({population_size})")
         check_option(self.name, "crossover_prob", crossover_prob,
                      isinstance(crossover_prob, (int, float)) and 0 <= crossover_prob <= 1, "a number in [0, 1]")
+        check_option(self.name, "niches", niches, isinstance(niches, bool) and (not niches or n_objectives >= 2),
+                     "true only with two or more objectives (the second one names the niche)")
+        check_option(self.name, "asks_per_niche", asks_per_niche,
+                     isinstance(asks_per_niche, int) and asks_per_niche >= 1, "an integer >= 1")
         self.population_size = population_size
         self.sample_size = sample_size
         self.crossover_prob = crossover_prob
-        self._population: list[tuple[Params, tuple[float, ...]]] = []  # oldest first
+        self.niches = niches
+        self.asks_per_niche = asks_per_niche
+        self._population: list[tuple[Params, tuple[float, ...]]] = []  # oldest first, all niches together
         self._random_asks = 0
+        self._bred = 0  # asks answered by a tournament: they take the niches in turn
 
     def ask(self) -> Params:
-        if self._random_asks < self.population_size or not self._population:
+        if not self._population or (not self.niches and self._random_asks < self.population_size):
             self._random_asks += 1
             return self.space.sample(self.rng)
-        child = self._tournament()
+        members = self._population
+        if self.niches:
+            niches = sorted({self._niche(values) for _, values in members}, reverse=True)  # best value first
+            turn = niches[(self._bred // self.asks_per_niche) % len(niches)]
+            members = [m for m in members if self._niche(m[1]) == turn]
+        self._bred += 1
+        child = self._tournament(members)
         if self.rng.random() < self.crossover_prob:
-            child = self.space.crossover(child, self._tournament(), self.rng)
+            child = self.space.crossover(child, self._tournament(members), self.rng)
         return self.space.mutate(child, self.rng)
 
-    def _tournament(self) -> Params:
-        sample = self.rng.sample(self._population, min(self.sample_size, len(self._population)))
-        front = pareto_front([values for _, values in sample])
+    def _niche(self, values: tuple[float, ...]) -> float | None:
+        return values[1] if self.niches else None
+
+    def _tournament(self, members: list[tuple[Params, tuple[float, ...]]]) -> Params:
+        sample = self.rng.sample(members, min(self.sample_size, len(members)))
+        judged = [values[:1] + values[2:] if self.niches else values for _, values in sample]
+        front = pareto_front(judged)
         return sample[front[self.rng.randrange(len(front))]][0]
 
     def tell(self, trial: Trial) -> None:
@@ -61,13 +85,16 @@ class RegularizedEvolution(Strategy):
         if result is None:
             return
         self._population.append(result)
-        if len(self._population) > self.population_size:
-            self._population.pop(0)
+        niche = self._niche(result[1])
+        kin = [i for i, (_, values) in enumerate(self._population) if self._niche(values) == niche]
+        if len(kin) > self.population_size:
+            self._population.pop(kin[0])
 
     def _state(self) -> dict[str, Any]:
         return {"population": [[params, list(values)] for params, values in self._population],
-                "random_asks": self._random_asks}
+                "random_asks": self._random_asks, "bred": self._bred}
 
     def _load(self, state: dict[str, Any]) -> None:
         self._population = [(params, tuple(values)) for params, values in state["population"]]
         self._random_asks = state["random_asks"]
+        self._bred = state["bred"]
