@@ -128,6 +128,8 @@ class Search:
                  evaluator: EvaluatorExecutor | None = None):
         """``evaluator``: where accuracy comes from without training (supernet, predictor); None trains
         every candidate from scratch on the configured executor."""
+        if not settings.search_hparams:  # one fixed recipe: two points that differ only in hyperparameters are one
+            space = dataclasses.replace(space, hyperparameters=())
         self.space, self.settings = space, settings
         self.evaluator = evaluator
         self.log = log or (lambda line: print(line, flush=True))  # one line per trial, even into a file

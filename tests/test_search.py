@@ -206,14 +206,14 @@ def comparable_row(row: dict) -> dict:
     return row
 
 
-def small_space(tmp_path: Path) -> Path:
-    """Two architectures and fixed hyperparameters: a strategy must repeat itself."""
+def small_space(tmp_path: Path, lrs=(0.01,)) -> Path:
+    """Two architectures (and fixed hyperparameters unless ``lrs`` has several): a strategy must repeat itself."""
     data = yaml.safe_load((SPACES / "tiny.yaml").read_text())
     data["width_mult"] = [1.0]
     data["defaults"].update(op=["ds"], kernel=[3, 5], se=[0], skip=[True], expansion=[3])
     data["stages"] = [{"channels": 16, "stride": 2, "layers": [1]}]
     data["hyperparameters"] = {"optimizer": {"type": "categorical", "choices": ["adam"]},
-                               "lr": {"type": "categorical", "choices": [0.01]},
+                               "lr": {"type": "categorical", "choices": list(lrs)},
                                "batch_size": {"type": "categorical", "choices": [64]}}
     path = tmp_path / "two.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -230,6 +230,15 @@ def test_never_trains_a_candidate_twice_and_stops_when_only_repeats_remain(tmp_p
     assert len(trained) == 2 and len({r["arch"] for r in trained}) == 2
     skipped = [e for e in read_jsonl(tmp_path / "run" / "journal.jsonl") if e["event"] == "tell" and e["skipped"]]
     assert skipped and all(e["trial"]["arch"] in {r["arch"] for r in trained} for e in skipped)
+
+
+def test_with_the_fixed_recipe_points_differing_only_in_hyperparameters_are_one_candidate(tmp_path):
+    space = load_space(small_space(tmp_path, lrs=(0.01, 0.02, 0.05)))
+    config = settings(strategy="random", strategy_options={}, trials=3, rungs=1, search_hparams=False)
+    with pytest.raises(NasError, match="keeps proposing candidates it has seen"):
+        Search(space, config, tmp_path / "run", flops_latency, log=lambda _: None).run()
+    trained = read_jsonl(tmp_path / "run" / "trials.jsonl")
+    assert len(trained) == 2 and len({r["arch"] for r in trained}) == 2
 
 
 def test_impossible_limits_end_with_a_clear_error_not_a_loop(tmp_path):
