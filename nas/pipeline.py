@@ -115,9 +115,13 @@ def prepare(config: SearchConfig, out: str | Path | None, log: Log) -> Setup:
     space = load_space(config.space)
     resolution = config.resolution or space.resolution
     config = dataclasses.replace(config, resolution=resolution)
-    from nas.strategies import strategy_options
+    from nas.search import searched_space
+    from nas.strategies import make_strategy
 
-    strategy_options(config.strategy)
+    # the strategy and its options, on the decisions it will search (a grid naming hp.lr without
+    # --search-hparams fails here, not after the baselines are measured)
+    make_strategy(config.strategy, searched_space(space, config.search_hparams), config.seed,
+                  1 if config.objectives == "reward" else 2, **config.resolved_strategy_options)
     if config.evaluator != "scratch":
         from nas.supernet import check_supported
 
@@ -249,14 +253,17 @@ def accuracy_evaluator(setup: Setup, log: Log):
 
 def search(setup: Setup, latency: LatencyModel, goal: Objective, limits: Limits, window: SearchWindow, evaluator,
            log: Log) -> list[Trial]:
-    from nas.search import LoopSettings, Search
+    from nas.search import LoopSettings, Search, round_candidates
 
-    settings = LoopSettings.from_config(setup.config, objective=goal, limits=limits, top=scratch_fidelity(setup),
+    c = setup.config
+    settings = LoopSettings.from_config(c, objective=goal, limits=limits, top=scratch_fidelity(setup),
                                         num_classes=setup.data.num_classes, start_points=window.start_points)
-    if goal.latency_bands and settings.strategy == "evolution" and setup.config.strategy_options is None:
-        # a population per latency band, each band's turn one round long (RegularizedEvolution's niches)
-        options = {**settings.strategy_options, "niches": True, "asks_per_niche": settings.batch_size}
-        settings = dataclasses.replace(settings, strategy_options=options)
+    if goal.latency_bands and c.strategy == "evolution" and c.strategy_options is None:
+        # a population per latency band, each band's turn one round long where rounds have a fixed size
+        # (RegularizedEvolution's niches); not the worker count, which may change when a run resumes
+        turn = round_candidates(c) if settings.scheduler == "halving" else 1
+        settings = dataclasses.replace(settings, strategy_options={**settings.strategy_options, "niches": True,
+                                                                   "asks_per_niche": turn})
     return Search(setup.space, settings, setup.run_dir, latency.predict, log, evaluator).run()
 
 

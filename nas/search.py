@@ -41,6 +41,24 @@ EVALUATION_ROUND = 16  # candidates per round when accuracy comes without traini
 LINE_METRICS = ("accuracy", "latency_ms")  # printed on every trial line as acc= and lat=
 
 
+def searched_space(space: SearchSpace, search_hparams: bool) -> SearchSpace:
+    """The decisions a search explores: with one fixed training recipe the space's hyperparameters mean
+    nothing, and two points that differ only in them are the same candidate."""
+    if search_hparams:
+        return space
+    reduced = dataclasses.replace(space, hyperparameters=())
+    if not reduced.decisions:
+        raise NasError(f"{space.source}: every choice of the space is a training hyperparameter, which the fixed "
+                       "recipe ignores; pass --search-hparams or give the space architecture choices")
+    return reduced
+
+
+def round_candidates(config: SearchConfig) -> int:
+    """Candidates per round of the main job's search on one worker (more workers make rounds larger):
+    what successive halving keeps one of per eta at each rung, or one batched evaluation."""
+    return config.eta ** (config.rungs - 1) if config.evaluator == "scratch" else EVALUATION_ROUND
+
+
 @dataclass(frozen=True)
 class LoopSettings:
     """What the loop needs beyond the space: strategy, budget, objective, fidelity, workers."""
@@ -128,8 +146,7 @@ class Search:
                  evaluator: EvaluatorExecutor | None = None):
         """``evaluator``: where accuracy comes from without training (supernet, predictor); None trains
         every candidate from scratch on the configured executor."""
-        if not settings.search_hparams:  # one fixed recipe: two points that differ only in hyperparameters are one
-            space = dataclasses.replace(space, hyperparameters=())
+        space = searched_space(space, settings.search_hparams)
         self.space, self.settings = space, settings
         self.evaluator = evaluator
         self.log = log or (lambda line: print(line, flush=True))  # one line per trial, even into a file

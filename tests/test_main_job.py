@@ -196,6 +196,8 @@ def test_a_run_folder_of_an_older_version_is_refused_with_the_way_out(tmp_path):
     (("--epochs", "many"), "--epochs"),
     (("--objectives", "reward"), "--latency-target-ms"),
     (("--latency-limit-ms", "0.0001"), "--latency-limit-ms"),
+    # hyperparameters are not searched without --search-hparams: a grid over one is a mistake
+    (("--strategy", "grid", "--strategy-options", '{"only": ["hp.lr"]}'), "hp.lr"),
 ])
 def test_bad_options_exit_2_with_one_line(tmp_path, args, fragment):
     result = run_script("search.py", "--space", "search_spaces/tiny.yaml", *args, "--out", str(tmp_path / "r"))
@@ -203,6 +205,7 @@ def test_bad_options_exit_2_with_one_line(tmp_path, args, fragment):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in result.stderr
     assert not (tmp_path / "r" / "supernet").exists()  # found before any training
+    assert not (tmp_path / "r" / "measured.json").exists()  # and before any measurement
 
 
 def test_help_states_each_default_once():

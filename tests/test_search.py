@@ -241,6 +241,15 @@ def test_with_the_fixed_recipe_points_differing_only_in_hyperparameters_are_one_
     assert len(trained) == 2 and len({r["arch"] for r in trained}) == 2
 
 
+def test_a_space_of_hyperparameters_alone_needs_search_hparams(tmp_path):
+    data = yaml.safe_load(small_space(tmp_path, lrs=(0.01, 0.02)).read_text())
+    data["defaults"]["kernel"] = [3]
+    (tmp_path / "one.yaml").write_text(yaml.safe_dump(data))
+    space = load_space(tmp_path / "one.yaml")
+    with pytest.raises(NasError, match="every choice of the space is a training hyperparameter.*--search-hparams"):
+        Search(space, settings(search_hparams=False), tmp_path / "run", flops_latency, log=lambda _: None)
+
+
 def test_impossible_limits_end_with_a_clear_error_not_a_loop(tmp_path):
     space = load_space(SPACES / "tiny.yaml")
     config = settings(strategy="random", strategy_options={}, limits=Limits(flops=10))

@@ -281,7 +281,7 @@ def test_evolution_ages_out_the_oldest_and_mutates_the_tournament_winner():
 
 def test_evolution_niches_age_apart_take_turns_and_compare_accuracy_only():
     """Values (accuracy, -band): the fast band (0) keeps its members however inaccurate they are next to
-    the slow band's, its turn comes first, and each turn lasts asks_per_niche asks."""
+    the slow band's, its turn comes first and twice as often, and each turn lasts asks_per_niche asks."""
     space = load_space(SPACES / "tiny.yaml")
     evo = make_strategy("evolution", space, 0, n_objectives=2, population_size=3, sample_size=3, niches=True,
                         asks_per_niche=2)
@@ -297,10 +297,37 @@ def test_evolution_niches_age_apart_take_turns_and_compare_accuracy_only():
     population = evo.state_dict()["population"]
     assert [p for p, v in population if v[1] == 0.0] == fast[2:]    # three per band, the oldest fast ones gone
     assert [p for p, v in population if v[1] == -1.0] == slow
-    parents = [fast[4], fast[4], slow[0], slow[0], fast[4]]          # the whole band competes: its best wins
+    # turns: fast, slow, fast (the better band takes two of three), asks_per_niche=2 asks each;
+    # the whole band competes, so its best is the parent
+    parents = [fast[4], fast[4], slow[0], slow[0], fast[4], fast[4], fast[4]]
     for parent in parents:
         child = evo.ask()
         assert sum(child[k] != parent[k] for k in child) == 1
+
+
+def banded(space, params, number):
+    """(accuracy stand-in, -band): three bands, as the main job's latency bands (any deterministic cut)."""
+    flops = arch_cost(space.decode(params), num_classes=10).flops
+    return Trial(number, params, "", COMPLETE, (math.log10(flops) % 1, -float(flops % 3)))
+
+
+def test_evolution_niches_replay_and_round_trip(space):
+    """The strategy contract with niches: a journal replays to the same asks, and state_dict resumes."""
+    make = lambda: make_strategy("evolution", space, 3, n_objectives=2, population_size=3, sample_size=2,
+                                 niches=True, asks_per_niche=2)
+    original, journal = make(), []
+    for number in range(30):
+        params = original.ask()
+        journal.append(params)
+        original.tell(banded(space, params, number))
+    assert len({round(-banded(space, p, 0).values[1]) for p in journal}) > 1  # several bands took turns
+    replay = make()
+    for number, params in enumerate(journal):
+        assert replay.ask() == params
+        replay.tell(banded(space, params, number))
+    restored = make()
+    restored.load_state_dict(json.loads(json.dumps(original.state_dict())))
+    assert [restored.ask() for _ in range(5)] == [original.ask() for _ in range(5)]
 
 
 def test_evolution_niches_need_a_second_objective():

@@ -26,9 +26,11 @@ class RegularizedEvolution(Strategy):
     ``niches=True`` keeps one population per value of the second objective (the main job's latency
     band, ``Objective.latency_bands``): each niche ages on its own, parents come from one niche at a
     time in turn (``asks_per_niche`` asks each, one successive-halving round, so that a round's
-    candidates compete with their own kind), and tournaments compare the other objectives only. A
+    candidates compete with their own kind; better niches get more turns, see ``_niche_cycle``), and
+    tournaments compare the other objectives only. A
     niche of fast networks, which score lower at low fidelity, is then never crowded out by slower ones.
-    Random asks come only while no trial has succeeded.
+    Random asks come only while no trial has succeeded. The second objective should take few values
+    (bands): every distinct value is a niche of its own.
     """
 
     name = "evolution"
@@ -62,14 +64,21 @@ class RegularizedEvolution(Strategy):
             return self.space.sample(self.rng)
         members = self._population
         if self.niches:
-            niches = sorted({self._niche(values) for _, values in members}, reverse=True)  # best value first
-            turn = niches[(self._bred // self.asks_per_niche) % len(niches)]
+            cycle = self._niche_cycle()
+            turn = cycle[(self._bred // self.asks_per_niche) % len(cycle)]
             members = [m for m in members if self._niche(m[1]) == turn]
         self._bred += 1
         child = self._tournament(members)
         if self.rng.random() < self.crossover_prob:
             child = self.space.crossover(child, self._tournament(members), self.rng)
         return self.space.mutate(child, self.rng)
+
+    def _niche_cycle(self) -> list[float]:
+        """The turns of one cycle over the niches present: with n niches, the best (on the niche objective)
+        takes n turns, the next n - 1, ..., the worst one. The main job's fastest band can decide every
+        verdict and the slowest only one, so they get their search in about that proportion."""
+        niches = sorted({self._niche(values) for _, values in self._population}, reverse=True)
+        return [niche for round_ in range(len(niches)) for niche in niches[:len(niches) - round_]]
 
     def _niche(self, values: tuple[float, ...]) -> float | None:
         return values[1] if self.niches else None
