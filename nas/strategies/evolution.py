@@ -27,10 +27,9 @@ class RegularizedEvolution(Strategy):
     band, ``Objective.latency_bands``): each niche ages on its own, parents come from one niche at a
     time in turn (``asks_per_niche`` asks each, one successive-halving round, so that a round's
     candidates compete with their own kind; better niches get more turns, see ``_niche_cycle``), and
-    tournaments compare the other objectives only. A
-    niche of fast networks, which score lower at low fidelity, is then never crowded out by slower ones.
-    Random asks come only while no trial has succeeded. The second objective should take few values
-    (bands): every distinct value is a niche of its own.
+    tournaments compare the other objectives only. A niche of fast networks, which score lower at low
+    fidelity, is then never crowded out by slower ones. Random asks come only while no trial has
+    succeeded. The second objective should take few values (bands): each distinct value is a niche.
     """
 
     name = "evolution"
