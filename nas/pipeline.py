@@ -282,12 +282,17 @@ def final_fidelity(setup: Setup) -> Fidelity:
 
 
 def select_front(setup: Setup, trials: list[Trial]) -> list[Candidate]:
-    """Top-rung trials that are Pareto-optimal in (search accuracy, predicted latency): at most the
-    configured front size, the extremes and an even spread between them."""
+    """Top-rung trials that are Pareto-optimal in (search accuracy, predicted latency), one per
+    architecture: at most the configured front size, the extremes and an even spread between them."""
     size = setup.config.front_size
     complete = [t for t in trials if t.state == COMPLETE and t.metrics.get("accuracy") is not None]
     points = [(t.metrics["accuracy"], -t.metrics["predicted_latency_ms"]) for t in complete]
     chosen = sorted((complete[i] for i in pareto_front(points)), key=lambda t: t.metrics["predicted_latency_ms"])
+    # a strategy may ask for an architecture again (the supernet scores it the same): train it once
+    firsts: dict[str, Trial] = {}
+    for t in chosen:
+        firsts.setdefault(t.arch, t)
+    chosen = list(firsts.values())
     if len(chosen) > size:
         picks = np.linspace(0, len(chosen) - 1, size).round().astype(int)
         chosen = [chosen[i] for i in sorted(set(picks))]

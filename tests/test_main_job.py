@@ -2,6 +2,7 @@
 bars, verdicts), resume across phases, and the bad inputs."""
 
 import json
+import random
 import shutil
 
 import onnx
@@ -11,7 +12,10 @@ from conftest import run_script
 from nas.arch import Arch
 from nas.config import RUN_FORMAT, SearchConfig, add_config_arguments, check_resumable, config_from_args
 from nas.errors import NasError
+from nas.pipeline import Setup, select_front
 from nas.report import Point, verdicts
+from nas.space import load_space
+from nas.trial import COMPLETE, Trial
 
 ARGS = ("--target", "cpu", "--space", "search_spaces/tiny.yaml", "--evaluator", "supernet", "--supernet-epochs", "2",
         "--trials", "48",
@@ -159,6 +163,21 @@ def test_verdicts_follow_the_rule_with_margins():
     assert not slower.beaten and slower.ratio == pytest.approx(0.6)  # 1/0.6 = 1.67x < 1.8x
     less_accurate = verdicts([point("p", 0.1, 0.89)], [point("b", 1.0, 0.9)])[0]
     assert not less_accurate.beaten and less_accurate.by is None and less_accurate.ratio is None
+
+
+def test_the_front_holds_each_architecture_once_even_when_the_search_asked_for_it_twice(tmp_path):
+    """A supernet scores a repeated architecture the same, so both trials are non-dominated; the final
+    phase must train it once (two copies would each add seeds 0 and 1 to the finals journal)."""
+    space = load_space("search_spaces/tiny.yaml")
+    rng = random.Random(0)
+    archs = [space.decode(space.sample(rng)) for _ in range(3)]
+    scored = [(archs[0], 0.9, 0.30), (archs[0], 0.9, 0.30), (archs[1], 0.8, 0.20), (archs[2], 0.7, 0.10)]
+    trials = [Trial(i, {}, a.to_string(), COMPLETE, (acc, -ms), {"accuracy": acc, "predicted_latency_ms": ms})
+              for i, (a, acc, ms) in enumerate(scored)]
+    setup = Setup(SearchConfig(front_size=8), space, space, None, None, tmp_path)
+    front = select_front(setup, trials)
+    assert [c.name for c in front] == ["trial 3", "trial 2", "trial 0"]
+    assert len({c.arch.to_string() for c in front}) == 3
 
 
 def test_parser_is_generated_from_the_config():
