@@ -253,7 +253,7 @@ def accuracy_evaluator(setup: Setup, log: Log):
 
 def search(setup: Setup, latency: LatencyModel, goal: Objective, limits: Limits, window: SearchWindow, evaluator,
            log: Log) -> list[Trial]:
-    from nas.search import LoopSettings, Search, round_candidates
+    from nas.search import LoopSettings, Search
 
     c = setup.config
     settings = LoopSettings.from_config(c, objective=goal, limits=limits, top=scratch_fidelity(setup),
@@ -261,7 +261,7 @@ def search(setup: Setup, latency: LatencyModel, goal: Objective, limits: Limits,
     if goal.latency_bands and c.strategy == "evolution" and c.strategy_options is None:
         # a population per latency band, each band's turn one round long where rounds have a fixed size
         # (RegularizedEvolution's niches); not the worker count, which may change when a run resumes
-        turn = round_candidates(c) if settings.scheduler == "halving" else 1
+        turn = settings.single_worker_round if settings.scheduler == "halving" else 1
         settings = dataclasses.replace(settings, strategy_options={**settings.strategy_options, "niches": True,
                                                                    "asks_per_niche": turn})
     return Search(setup.space, settings, setup.run_dir, latency.predict, log, evaluator).run()

@@ -53,12 +53,6 @@ def searched_space(space: SearchSpace, search_hparams: bool) -> SearchSpace:
     return reduced
 
 
-def round_candidates(config: SearchConfig) -> int:
-    """Candidates per round of the main job's search on one worker (more workers make rounds larger):
-    what successive halving keeps one of per eta at each rung, or one batched evaluation."""
-    return config.eta ** (config.rungs - 1) if config.evaluator == "scratch" else EVALUATION_ROUND
-
-
 @dataclass(frozen=True)
 class LoopSettings:
     """What the loop needs beyond the space: strategy, budget, objective, fidelity, workers."""
@@ -102,11 +96,17 @@ class LoopSettings:
         return ladder(self.top, self.eta, self.rungs)
 
     @property
+    def single_worker_round(self) -> int:
+        """Candidates per round on one worker: what successive halving keeps one of per eta at each
+        rung, or the fixed round size (more workers make halving rounds larger)."""
+        return self.round_size if self.round_size is not None else self.eta ** (self.rungs - 1)
+
+    @property
     def batch_size(self) -> int:
-        """Candidates per round: enough for successive halving to keep one per eta at each rung."""
+        """Candidates per round: the single-worker round, and at least one per worker."""
         if self.round_size is not None:
             return self.round_size
-        return max(self.workers, self.eta ** (self.rungs - 1))
+        return max(self.workers, self.single_worker_round)
 
     def bracket(self, round_index: int) -> Bracket:
         """Where round ``round_index`` starts and how many candidates it takes.

@@ -61,6 +61,16 @@ def interrupt_after(n_lines: int):
     return log
 
 
+def test_round_size_follows_the_halving_ladder_and_grows_with_workers_only_past_it():
+    """Latency-band turns last one single-worker round, so that a resumed run with another worker
+    count keeps its turns; the loop's rounds still give every worker a candidate."""
+    assert settings(rungs=3, eta=3).single_worker_round == 9
+    assert settings(rungs=3, eta=3, workers=4).batch_size == 9
+    assert settings(rungs=2, eta=2, workers=4).single_worker_round == 2
+    assert settings(rungs=2, eta=2, workers=4).batch_size == 4
+    assert settings(round_size=16, workers=4).single_worker_round == settings(round_size=16).batch_size == 16
+
+
 def test_journal_holds_every_finished_trial_and_successive_halving_prunes(tmp_path):
     space = load_space(SPACES / "tiny.yaml")
     trials = Search(space, settings(), tmp_path, flops_latency, log=lambda _: None).run()
