@@ -288,7 +288,8 @@ def select_front(setup: Setup, trials: list[Trial]) -> list[Candidate]:
     complete = [t for t in trials if t.state == COMPLETE and t.metrics.get("accuracy") is not None]
     points = [(t.metrics["accuracy"], -t.metrics["predicted_latency_ms"]) for t in complete]
     chosen = sorted((complete[i] for i in pareto_front(points)), key=lambda t: t.metrics["predicted_latency_ms"])
-    # a strategy may ask for an architecture again (the supernet scores it the same): train it once
+    # two asks of one architecture in the same round are both evaluated (the loop's duplicate check
+    # sees told trials only) and score alike under a supernet: train it once
     firsts: dict[str, Trial] = {}
     for t in chosen:
         firsts.setdefault(t.arch, t)
