@@ -160,6 +160,8 @@ class Search:
         self.rank = rank_key(settings.objective)
         self.trials: list[Trial] = []  # finished, trained (not cached) trials in finishing order
         self.by_key: dict[str, Trial] = {}
+        self.pending: dict[str, int] = {}  # candidate key -> number of the asked candidate not yet told
+        self.held: dict[str, list[tuple[int, dict]]] = {}  # repeats of a pending candidate, told with it
         self.next_number = 0
         self.started = time.monotonic()
         self.rejects = 0
@@ -203,7 +205,7 @@ class Search:
                 self.strategy.tell(trial)
                 told.add(trial.number)
                 self._remember(trial, event.get("skipped", False))
-        untold = [n for n in params if n not in told]
+        untold = self._hold_repeats([n for n in params if n not in told], params)
         if open_round and all(n in told for n in open_round):
             open_round = []
         if not open_round:  # crashed while collecting a round (its asks never reached training), or ASHA
@@ -216,9 +218,26 @@ class Search:
                      f"{sum(n not in told for n in open_round)} unfinished to retry")
         return [(n, params[n]) for n in open_round], start_rung, told, replay
 
+    def _hold_repeats(self, untold: list[int], params: dict[int, dict]) -> list[int]:
+        """Sort a crashed session's untold asks as it had: a repeat of a told candidate is told its result
+        now (the crash fell between the two tells), a repeat of an untold one is held again; returns the
+        rest, the candidates to evaluate."""
+        first = []
+        for n in untold:
+            key = self.space.candidate_key(params[n])
+            if key in self.by_key:
+                self._tell(dataclasses.replace(self.by_key[key], number=n, params=params[n]), skipped=True)
+            elif key in self.pending:
+                self.held.setdefault(key, []).append((n, params[n]))
+            else:
+                self.pending[key] = n
+                first.append(n)
+        return first
+
     # --- one round ------------------------------------------------------------------------------
     def _ask(self) -> tuple[int, dict[str, Any]] | None:
-        """The next candidate worth training; duplicates and limit violations are told and skipped."""
+        """The next candidate worth training. Limit violations and repeats of a told candidate are told at
+        once; a repeat of a candidate still being evaluated is held and told its result with it."""
         while True:
             try:
                 params = self.strategy.ask()
@@ -233,6 +252,10 @@ class Search:
                 self._tell(cached, skipped=True)
                 self._count_reject(f"the strategy keeps proposing candidates it has seen (last: {cached.arch})")
                 continue
+            if key in self.pending:  # asked in this round (or running under ASHA): told when it is
+                self.held.setdefault(key, []).append((number, params))
+                self._count_reject("the strategy keeps proposing candidates it has seen (last: one being evaluated)")
+                continue
             static = self.static_metrics(params)
             broken = self.settings.limits.violations(static)
             if broken:
@@ -242,6 +265,7 @@ class Search:
                                    "raise --latency-limit-ms / --flops-limit / --params-limit")
                 continue
             self.rejects = 0
+            self.pending[key] = number
             return number, params
 
     def _count_reject(self, why: str) -> None:
@@ -250,10 +274,16 @@ class Search:
             raise NasError(f"{self.space.source}: {MAX_CONSECUTIVE_REJECTS} proposals in a row were skipped: {why}")
 
     def _tell(self, trial: Trial, skipped: bool = False) -> None:
-        """Journal and tell a trial; ``skipped`` ones (duplicates, limit violations) were not trained."""
+        """Journal and tell a trial; ``skipped`` ones (duplicates, limit violations) were not trained.
+        Repeats asked while it was evaluated are told its result right after it."""
         self.journal.tell(trial, skipped=skipped)
         self.strategy.tell(trial)
         self._remember(trial, skipped)
+        if not skipped:
+            key = self.space.candidate_key(trial.params)
+            self.pending.pop(key, None)
+            for number, params in self.held.pop(key, []):
+                self._tell(dataclasses.replace(trial, number=number, params=params), skipped=True)
 
     def _remember(self, trial: Trial, skipped: bool) -> None:
         if not skipped:

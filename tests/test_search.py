@@ -242,6 +242,96 @@ def test_never_trains_a_candidate_twice_and_stops_when_only_repeats_remain(tmp_p
     assert skipped and all(e["trial"]["arch"] in {r["arch"] for r in trained} for e in skipped)
 
 
+class Scripted:
+    """Proposes a fixed list of points (A, A, B, ...): repeats inside one round, made to order."""
+
+    def __init__(self, points: list[dict]):
+        self.points, self.asked, self.told = points, 0, []
+
+    def ask(self) -> dict:
+        self.asked += 1
+        return dict(self.points[self.asked - 1])
+
+    def tell(self, trial) -> None:
+        self.told.append(trial.number)
+
+
+def repeating_search(space, run_dir: Path, log=lambda _: None) -> Search:
+    """Rounds of 3 on tiny.yaml whose strategy asks A, A, B, A, C (round 1: A, B, C), then B (told at
+    once from the cache) and D (round 2)."""
+    a, b, c, d = (space.sample(__import__("random").Random(seed)) for seed in (1, 2, 3, 4))
+    assert len({space.candidate_key(p) for p in (a, b, c, d)}) == 4
+    search = Search(space, settings(trials=4, round_size=3), run_dir, flops_latency, log=log)
+    search.strategy = Scripted([a, a, b, a, c, b, d])
+    return search
+
+
+def tells(run_dir: Path) -> list[tuple[int, bool, str, list | None]]:
+    return [(e["trial"]["number"], e["skipped"], e["trial"]["arch"], e["trial"]["values"])
+            for e in read_jsonl(run_dir / "journal.jsonl") if e["event"] == "tell"]
+
+
+def test_a_repeat_asked_within_a_round_is_held_and_told_its_original_result(tmp_path):
+    space = load_space(SPACES / "tiny.yaml")
+    search = repeating_search(space, tmp_path / "run")
+    search.run()
+    trained = read_jsonl(tmp_path / "run" / "trials.jsonl")
+    assert [r["number"] for r in trained] == [0, 2, 4, 6]  # A, B, C, D: each trained once
+    assert sorted(search.strategy.told) == list(range(7))  # every ask told exactly once
+    told = tells(tmp_path / "run")
+    for repeat, original in ((1, 0), (3, 0), (5, 2)):
+        i = [t[0] for t in told].index(repeat)
+        assert told[i][1] and told[i][2:] == told[[t[0] for t in told].index(original)][2:]
+    # the held repeats of A follow A's own tell directly, before B's
+    assert [t[0] for t in told][:3] == [0, 1, 3]
+
+
+class CrashOnTell(Exception):
+    pass
+
+
+def test_a_crash_between_a_candidate_and_its_held_repeat_resumes_identically(tmp_path):
+    space = load_space(SPACES / "tiny.yaml")
+    repeating_search(space, tmp_path / "whole").run()
+    broken = repeating_search(space, tmp_path / "broken")
+    journal_tell = broken.journal.tell
+
+    def tell(trial, skipped=False):
+        if trial.number == 3:
+            raise CrashOnTell  # A and its first repeat are journaled, the second repeat is not
+        journal_tell(trial, skipped=skipped)
+
+    broken.journal.tell = tell
+    with pytest.raises(CrashOnTell):
+        broken.run()
+    assert [t[0] for t in tells(tmp_path / "broken")] == [0, 1]
+    repeating_search(space, tmp_path / "broken").run()
+    assert tells(tmp_path / "broken") == tells(tmp_path / "whole")
+    assert comparable(tmp_path / "broken" / "trials.jsonl") == comparable(tmp_path / "whole" / "trials.jsonl")
+
+
+def test_an_interrupted_round_holds_its_repeats_again_on_resume(tmp_path):
+    space = load_space(SPACES / "tiny.yaml")
+    repeating_search(space, tmp_path / "whole").run()
+    broken = repeating_search(space, tmp_path / "broken")
+    journal_rung = broken.journal.rung
+
+    def rung(number, rung, result):
+        journal_rung(number, rung, result)
+        if number == 2:
+            raise KeyboardInterrupt  # A's and B's first rung journaled, nothing told yet
+
+    broken.journal.rung = rung
+    with pytest.raises(KeyboardInterrupt):
+        broken.run()
+    assert tells(tmp_path / "broken") == []
+    resumed = repeating_search(space, tmp_path / "broken")
+    resumed.run()
+    assert sorted(resumed.strategy.told) == list(range(7))
+    assert tells(tmp_path / "broken") == tells(tmp_path / "whole")
+    assert comparable(tmp_path / "broken" / "trials.jsonl") == comparable(tmp_path / "whole" / "trials.jsonl")
+
+
 def test_with_the_fixed_recipe_points_differing_only_in_hyperparameters_are_one_candidate(tmp_path):
     space = load_space(small_space(tmp_path, lrs=(0.01, 0.02, 0.05)))
     config = settings(strategy="random", strategy_options={}, trials=3, rungs=1, search_hparams=False)
