@@ -61,6 +61,19 @@ def test_smaller_kernel_is_the_transformed_centre(spaces):
     torch.testing.assert_close(conv.kernel(8, 8, 3), 2 * conv.weight[:8, :, 2:5, 2:5])
 
 
+@pytest.mark.parametrize("depthwise", [True, False])
+@pytest.mark.parametrize("size,stride", [(1, 1), (2, 1), (2, 2), (3, 2), (4, 1)])
+def test_kernel_taps_beyond_a_small_map_are_dropped_without_changing_the_output(depthwise, size, stride):
+    from nas.supernet.elastic import ElasticConv
+
+    torch.manual_seed(0)
+    conv = ElasticConv(6, 6, (7, 5, 3), stride, depthwise=depthwise)
+    x = torch.randn(3, 6, size, size)
+    for k in (7, 5, 3):
+        full = torch.nn.functional.conv2d(x, conv.kernel(6, 6, k), None, stride, k // 2, 1, 6 if depthwise else 1)
+        torch.testing.assert_close(conv(x, 6, k), full, rtol=0, atol=1e-6)
+
+
 def test_plan_uses_the_first_slots_of_each_stage(spaces):
     space = spaces["tiny"]
     net = Supernet(space, 10)
