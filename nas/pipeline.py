@@ -223,13 +223,14 @@ def objective(setup: Setup, latency: LatencyModel, window: SearchWindow) -> tupl
 
 
 def accuracy_evaluator(setup: Setup, log: Log):
-    """None for scratch training; otherwise the supernet (trained here, or resumed from the run
-    folder's checkpoint) or the predictor fitted on its accuracies, as the search loop's evaluator."""
+    """(evaluator, supernet health): (None, None) for scratch training; otherwise the supernet (trained
+    here, or resumed from the run folder's checkpoint) or the predictor fitted on its accuracies, as the
+    search loop's evaluator, and how the supernet scores random subnets (a warning where near chance)."""
     c = setup.config
     if c.evaluator == "scratch":
-        return None
+        return None, None
     from nas.executor import EvaluatorExecutor
-    from nas.supernet import SupernetEvaluator, SupernetRecipe, load_supernet, train_supernet
+    from nas.supernet import SupernetEvaluator, SupernetRecipe, load_supernet, supernet_health, train_supernet
 
     recipe = SupernetRecipe() if c.supernet_epochs is None else dataclasses.replace(SupernetRecipe(),
                                                                                       epochs=c.supernet_epochs)
@@ -238,8 +239,14 @@ def accuracy_evaluator(setup: Setup, log: Log):
     supernet = load_supernet(folder, setup.space, c.data, c.resolution)
     # one thread: a subnet's evaluation is small batches of small images, where a second thread mostly waits
     evaluator = SupernetEvaluator(supernet, setup.data, c.resolution, seed=c.seed, threads=1)
+    health = supernet_health(evaluator, c.seed)
+    log(f"supernet: {health.summary()}")
+    if health.near_chance:
+        log(f"WARNING: the supernet scores random subnets of {setup.space.source} near chance, so its accuracies "
+            "rank noise; search with --evaluator scratch (the default) or train it longer (--supernet-epochs); "
+            "docs/supernet.md")
     if c.evaluator == "supernet":
-        return EvaluatorExecutor(lambda archs, points: evaluator.accuracy_many(archs), "supernet")
+        return EvaluatorExecutor(lambda archs, points: evaluator.accuracy_many(archs), "supernet"), health
     from nas.surrogate import fit_predictor, sample_point
 
     points = [sample_point(setup.space, i, seed=c.seed) for i in range(PREDICTOR_SAMPLES)]
@@ -248,7 +255,7 @@ def accuracy_evaluator(setup: Setup, log: Log):
     predictor = fit_predictor(setup.space, points, accuracies, c.seed)
     log(f"accuracy predictor: Kendall {predictor.holdout.kendall:.3f} against the supernet on "
         f"{predictor.holdout.n_holdout} held-out subnets")
-    return EvaluatorExecutor(lambda archs, points: predictor.predict_many(points), "predictor")
+    return EvaluatorExecutor(lambda archs, points: predictor.predict_many(points), "predictor"), health
 
 
 def search(setup: Setup, latency: LatencyModel, goal: Objective, limits: Limits, window: SearchWindow, evaluator,
@@ -288,8 +295,8 @@ def select_front(setup: Setup, trials: list[Trial]) -> list[Candidate]:
     complete = [t for t in trials if t.state == COMPLETE and t.metrics.get("accuracy") is not None]
     points = [(t.metrics["accuracy"], -t.metrics["predicted_latency_ms"]) for t in complete]
     chosen = sorted((complete[i] for i in pareto_front(points)), key=lambda t: t.metrics["predicted_latency_ms"])
-    # two asks of one architecture in the same round are both evaluated (the loop's duplicate check
-    # sees told trials only) and score alike under a supernet: train it once
+    # with --search-hparams one architecture may be on the front under several hyperparameter settings;
+    # the finals train architectures with one recipe: train it once
     firsts: dict[str, Trial] = {}
     for t in chosen:
         firsts.setdefault(t.arch, t)
@@ -418,7 +425,7 @@ def run_main_job(config: SearchConfig, out: str | Path | None = None, log: Log |
     latency = latency_model(setup, log)
     window = search_window(setup, latency, log)
     goal, limits = objective(setup, latency, window)
-    evaluator = accuracy_evaluator(setup, log)
+    evaluator, health = accuracy_evaluator(setup, log)
     trials = search(setup, latency, goal, limits, window, evaluator, log)
     front = select_front(setup, trials)
     if not front:
@@ -455,6 +462,8 @@ def run_main_job(config: SearchConfig, out: str | Path | None = None, log: Log |
         f"- evaluator: {c.evaluator}; strategy: {c.strategy}; objectives: {c.objectives}; data: {c.data} "
         f"(train / validation / test: {len(setup.data.train)} / {len(setup.data.val)} / {len(setup.data.test)} "
         f"images); seed {c.seed}",
+        *([f"- supernet: {health.summary()}" + (": near chance, so its accuracies ranked noise" if health.near_chance
+                                                  else "")] if health else []),
         f"- search window: latency below {'-' if window.limit_ms is None else f'{window.limit_ms:.4f} ms'} "
         f"({window.reason}), {len(window.start_points)} start points spread from the space's fastest network up",
         f"- candidates evaluated: {len(trials)}; front points measured: {len(front)}, trained: {len(points)}"

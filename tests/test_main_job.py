@@ -3,6 +3,7 @@ bars, verdicts), resume across phases, and the bad inputs."""
 
 import json
 import random
+import re
 import shutil
 
 import onnx
@@ -40,6 +41,10 @@ def test_run_folder_holds_everything(run):
         assert (out / name).exists(), name
     trials = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
     assert len(trials) == 48 and all(t["metrics"]["accuracy_source"] == "supernet" for t in trials)
+    # the supernet's health is printed and reported, with the warning exactly where it scores near chance
+    health = re.search(r"supernet: 20 random subnets score ([\d.]+)% on average", result.stdout)
+    assert health and f"- supernet: 20 random subnets score {health.group(1)}%" in (out / "report.md").read_text()
+    assert ("WARNING: the supernet scores random subnets" in result.stdout) == (float(health.group(1)) < 32.5)
     best = json.loads((out / "best.json").read_text())
     assert Arch.parse(best["arch"]).resolution == best["resolution"] == 16
     model = onnx.load(str(out / "best.onnx"))

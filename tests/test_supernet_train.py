@@ -188,3 +188,37 @@ def test_killed_after_the_last_checkpoint_finishes_without_training(spaces, tmp_
     assert len(lines) == 1 and not (tmp_path / CHECKPOINT).exists()
     loaded = load_supernet(tmp_path, space, "digits", 16).state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in net.state_dict().items())
+
+
+def test_health_averages_random_subnets_and_flags_scores_near_chance(spaces, tmp_path, digits):
+    from types import SimpleNamespace
+
+    from nas.supernet import supernet_health
+
+    space = spaces["tiny"]
+
+    class Scored:  # an evaluator whose subnets score what the test says
+        supernet, resolution = SimpleNamespace(space=space, num_classes=10), 16
+
+        def __init__(self, scores):
+            self.scores, self.archs = scores, []
+
+        def accuracy_many(self, archs):
+            self.archs += archs
+            return self.scores[:len(archs)]
+
+    working = Scored([0.5, 0.9, 0.7, 0.3])
+    health = supernet_health(working, seed=3, subnets=4)
+    assert (health.mean, health.low, health.high, health.chance) == (pytest.approx(0.6), 0.3, 0.9, 0.1)
+    assert not health.near_chance and len({a.to_string() for a in working.archs}) == 4
+    assert all(a.resolution == 16 for a in working.archs)
+    # a quarter of the way from chance (10%) to 100% is the line: 32.5%
+    assert supernet_health(Scored([0.32] * 4), subnets=4).near_chance
+    assert not supernet_health(Scored([0.33] * 4), subnets=4).near_chance
+    # the same seed draws the same subnets
+    again = Scored([0.5] * 4)
+    supernet_health(again, seed=3, subnets=4)
+    assert [a.to_string() for a in again.archs] == [a.to_string() for a in working.archs]
+    # an untrained supernet scores its subnets near chance
+    untrained = load_supernet(_fake_folder(tmp_path, space), space, "digits", 16)
+    assert supernet_health(SupernetEvaluator(untrained, digits, 16), subnets=5).near_chance

@@ -16,8 +16,10 @@ cached prefix. The result is bit-identical to running it from the input (tested)
 
 from __future__ import annotations
 
+import random
 from collections import OrderedDict
-from typing import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
 
 import torch
 
@@ -123,6 +125,39 @@ class SupernetEvaluator:
         with torch.no_grad():
             self._logits(arch, stats)
         return extract(self.supernet, arch.with_resolution(self.resolution), stats=stats, dropout=dropout)
+
+
+HEALTH_SUBNETS = 20
+
+
+@dataclass(frozen=True)
+class SupernetHealth:
+    """How a trained supernet scores uniform random subnets of its space. Where they score near chance
+    (less than a quarter of the way from chance to 100%), its accuracies rank noise, not architectures."""
+
+    subnets: int
+    mean: float
+    low: float
+    high: float
+    chance: float
+
+    @property
+    def near_chance(self) -> bool:
+        return self.mean < self.chance + (1 - self.chance) / 4
+
+    def summary(self) -> str:
+        return (f"{self.subnets} random subnets score {self.mean:.1%} on average ({self.low:.1%}-{self.high:.1%}; "
+                f"chance {self.chance:.1%})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "near_chance": self.near_chance}
+
+
+def supernet_health(evaluator: SupernetEvaluator, seed: int = 0, subnets: int = HEALTH_SUBNETS) -> SupernetHealth:
+    """Score ``subnets`` uniform random subnets of the supernet's space (seeded, a few seconds)."""
+    space, rng = evaluator.supernet.space, random.Random(f"health:{seed}")
+    scores = evaluator.accuracy_many([space.decode(space.sample(rng), evaluator.resolution) for _ in range(subnets)])
+    return SupernetHealth(subnets, sum(scores) / subnets, min(scores), max(scores), 1 / evaluator.supernet.num_classes)
 
 
 def inherited_subnet(folder, arch: Arch):
