@@ -160,7 +160,7 @@ class Search:
         self.rank = rank_key(settings.objective)
         self.trials: list[Trial] = []  # finished, trained (not cached) trials in finishing order
         self.by_key: dict[str, Trial] = {}
-        self.pending: dict[str, int] = {}  # candidate key -> number of the asked candidate not yet told
+        self.pending: set[str] = set()  # candidate keys asked and being evaluated, not yet told
         self.held: dict[str, list[tuple[int, dict]]] = {}  # repeats of a pending candidate, told with it
         self.next_number = 0
         self.started = time.monotonic()
@@ -230,7 +230,7 @@ class Search:
             elif key in self.pending:
                 self.held.setdefault(key, []).append((n, params[n]))
             else:
-                self.pending[key] = n
+                self.pending.add(key)
                 first.append(n)
         return first
 
@@ -265,7 +265,7 @@ class Search:
                                    "raise --latency-limit-ms / --flops-limit / --params-limit")
                 continue
             self.rejects = 0
-            self.pending[key] = number
+            self.pending.add(key)
             return number, params
 
     def _count_reject(self, why: str) -> None:
@@ -281,7 +281,7 @@ class Search:
         self._remember(trial, skipped)
         if not skipped:
             key = self.space.candidate_key(trial.params)
-            self.pending.pop(key, None)
+            self.pending.discard(key)
             for number, params in self.held.pop(key, []):
                 self._tell(dataclasses.replace(trial, number=number, params=params), skipped=True)
 
