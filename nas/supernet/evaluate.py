@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import random
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -148,9 +148,6 @@ class SupernetHealth:
     def summary(self) -> str:
         return (f"{self.subnets} random subnets score {self.mean:.1%} on average ({self.low:.1%}-{self.high:.1%}; "
                 f"chance {self.chance:.1%})")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "near_chance": self.near_chance}
 
 
 def supernet_health(evaluator: SupernetEvaluator, seed: int = 0, subnets: int = HEALTH_SUBNETS) -> SupernetHealth:
