@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -259,7 +260,7 @@ class Scripted:
 def repeating_search(space, run_dir: Path, log=lambda _: None) -> Search:
     """Rounds of 3 on tiny.yaml whose strategy asks A, A, B, A, C (round 1: A, B, C), then B (told at
     once from the cache) and D (round 2)."""
-    a, b, c, d = (space.sample(__import__("random").Random(seed)) for seed in (1, 2, 3, 4))
+    a, b, c, d = (space.sample(random.Random(seed)) for seed in (1, 2, 3, 4))
     assert len({space.candidate_key(p) for p in (a, b, c, d)}) == 4
     search = Search(space, settings(trials=4, round_size=3), run_dir, flops_latency, log=log)
     search.strategy = Scripted([a, a, b, a, c, b, d])
